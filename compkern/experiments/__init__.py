@@ -1,0 +1,1 @@
+"""Runnable experiments behind the `compkern` subcommands (each module: add_arguments, run)."""

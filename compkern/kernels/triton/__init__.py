@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op. Imported lazily by the ops (triton may be absent)."""

@@ -1,0 +1,5 @@
+"""Public ops: one per file, each with argument checks, backend dispatch and autograd."""
+from compkern.ops.combine import combine_eps
+from compkern.ops.lift import LiftPartial, lift_partial
+
+__all__ = ["combine_eps", "lift_partial", "LiftPartial"]

@@ -1,0 +1,55 @@
+"""ComposedEps: one batched model call for all K+1 conditions, combined with ops.combine_eps.
+
+The base row (index 0) is the unconditional or the background condition (projective
+composition); weights (K,) or (B, K), negative for NOT. With ``record=True`` every call keeps
+(x_t, t, preds) on the device: CompLift's cached trials reuse them at no extra model call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from compkern.models.base import EpsModel, evaluate_conditions
+from compkern.ops import combine_eps
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepRecord:
+    """Predictions made while sampling: lists of x_t (B, *S), t (B,), preds (K+1, B, *S)."""
+
+    x_t: list[torch.Tensor] = field(default_factory=list)
+    t: list[torch.Tensor] = field(default_factory=list)
+    preds: list[torch.Tensor] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+
+class ComposedEps:
+    """eps_fn(x_t (B, *S), t (B,)) -> combine_eps(evaluate_conditions(model, x_t, t, conds), weights)."""
+
+    def __init__(self, model: EpsModel, conds: Any, weights: torch.Tensor, *, chunk_size: int | None = None,
+                 record: bool = False, backend: str = "auto",
+                 output_to_eps: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.conds, self.chunk_size, self.backend = model, conds, chunk_size, backend
+        self.weights = torch.as_tensor(weights, dtype=torch.float32)
+        self.output_to_eps = output_to_eps  # e.g. schedule.v_to_eps for v-prediction models
+        self.record = StepRecord() if record else None
+        self.n_evals = 0  # model rows evaluated
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        preds = evaluate_conditions(self.model, x_t, t, self.conds, chunk_size=self.chunk_size)
+        if self.output_to_eps is not None:
+            tt = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+            preds = self.output_to_eps(x_t.unsqueeze(0).expand_as(preds).flatten(0, 1), preds.flatten(0, 1),
+                                       tt.repeat(preds.shape[0])).view_as(preds)
+        self.n_evals += preds.shape[0] * preds.shape[1]
+        if self.record is not None:
+            self.record.x_t.append(x_t.detach())
+            self.record.t.append(t.detach().expand(x_t.shape[0]).clone())
+            self.record.preds.append(preds.detach())
+        return combine_eps(preds, self.weights.to(preds.device), backend=self.backend)

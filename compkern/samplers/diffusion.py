@@ -1,0 +1,52 @@
+"""Reverse diffusion on any eps callable: DDIM (eta = 0) and ancestral DDPM (eta = 1).
+
+Both use the same step (Song et al. 2021, eq. 12) on an evenly spaced subsequence of the
+training timesteps; with eta = 1 it is the DDPM posterior of the respaced chain.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from compkern.models.schedule import NoiseSchedule
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, num_steps: int = 50,
+                eta: float = 0.0, clip_x0: float | None = None, generator: torch.Generator | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """x_T (B, *S) standard normal -> x_0 (B, *S). eps_fn(x_t, t (B,) int64) -> eps (B, *S).
+    ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0] at each step."""
+    if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
+        raise TypeError("x_T must be a tensor (B, *S)")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    abar = schedule.alphas_cumprod
+    ts = schedule.timesteps(num_steps)
+    x = x_T
+    B = x.shape[0]
+    for i, t in enumerate(tqdm(ts.tolist(), desc="sampling", disable=not progress, leave=False)):
+        t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
+        eps = eps_fn(x, t_vec).to(x.dtype)
+        a_t = float(abar[t])
+        a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+def ddpm_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, num_steps: int | None = None,
+                clip_x0: float | None = None, generator: torch.Generator | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Ancestral sampling (DDIM with eta = 1); num_steps None uses every training step."""
+    return ddim_sample(eps_fn, x_T, schedule, num_steps=num_steps or schedule.num_steps, eta=1.0,
+                       clip_x0=clip_x0, generator=generator, progress=progress)

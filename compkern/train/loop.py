@@ -1,0 +1,101 @@
+"""A small training loop shared by every trainer: AdamW steps, tqdm, atomic checkpoints, resume,
+metrics JSON.
+
+``step_fn(step, generator) -> {"loss": tensor, other: float, ...}``; the loop does the backward
+pass and the optimizer step. Checkpoints hold the modules, the optimizer, the step, the loop's
+generator and torch's global RNG, so a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
+
+StepFn = Callable[[int, torch.Generator], dict[str, Any]]
+
+
+class Trainer:
+    """Trains ``modules`` with ``optimizer`` by calling ``step_fn``; state lives in ``out_dir``
+    (checkpoint.pt, metrics.json, config.json). A rerun with the same out_dir resumes; a rerun
+    with a different ``config`` refuses with a ValueError."""
+
+    def __init__(self, out_dir: str | Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                 step_fn: StepFn, *, config: dict | None = None, seed: int = 0, save_every: int = 500,
+                 log_every: int = 50, grad_clip: float | None = 1.0, desc: str = "train", progress: bool = True):
+        self.out_dir = Path(out_dir)
+        self.modules, self.optimizer, self.step_fn = modules, optimizer, step_fn
+        self.config = dict(config or {}, seed=seed)
+        self.save_every, self.log_every, self.grad_clip = save_every, log_every, grad_clip
+        self.desc, self.progress = desc, progress
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self._resume()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def _resume(self) -> None:
+        cfg_path = self.out_dir / "config.json"
+        if cfg_path.exists():
+            saved = json.loads(cfg_path.read_text())
+            if saved != json.loads(json.dumps(self.config)):
+                raise ValueError(f"{self.out_dir} holds a run with another configuration: {saved} != {self.config}; "
+                                 "use a new output folder")
+        if not self.checkpoint_path.exists():
+            return
+        state = load(self.checkpoint_path)
+        for name, module in self.modules.items():
+            module.load_state_dict(state["modules"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history = state["step"], state["history"]
+
+    def save(self) -> None:
+        atomic_write_json(self.config, self.out_dir / "config.json")
+        atomic_save({"modules": {n: m.state_dict() for n, m in self.modules.items()},
+                     "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                     "torch_rng": torch.get_rng_state(), "step": self.step, "history": self.history},
+                    self.checkpoint_path)
+        atomic_write_json({"step": self.step, "history": self.history}, self.out_dir / "metrics.json")
+
+    def fit(self, num_steps: int) -> list[dict[str, float]]:
+        """Train until ``num_steps`` total steps (counting resumed ones); returns the history."""
+        for m in self.modules.values():
+            m.train()
+        running: dict[str, float] = {}
+        bar = tqdm(total=num_steps, initial=self.step, desc=self.desc, disable=not self.progress)
+        while self.step < num_steps:
+            out = self.step_fn(self.step, self.generator)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at step {self.step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip is not None:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            for k, v in out.items():
+                running[k] = running.get(k, 0.0) + float(v)
+            if self.step % self.log_every == 0 or self.step == num_steps:
+                n = self.log_every if self.step % self.log_every == 0 else self.step % self.log_every
+                row = {"step": self.step, **{k: v / n for k, v in running.items()}}
+                self.history.append(row)
+                running = {}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"})
+            if self.step % self.save_every == 0 or self.step == num_steps:
+                self.save()
+            bar.update(1)
+        bar.close()
+        for m in self.modules.values():
+            m.eval()
+        return self.history

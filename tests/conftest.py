@@ -1,0 +1,15 @@
+"""Test setup: Triton runs in its CPU interpreter, no hub lookups, seeded RNG, few threads."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,19 @@
+"""Shared test helpers: the flash-attention tolerance rule, and the dtypes under test."""
+from __future__ import annotations
+
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, naive: torch.Tensor, *,
+                              atol: float = 1e-5, factor: float = 2.0, name: str = "output") -> None:
+    """``out`` (a kernel's result) may err against ``ref`` (fp64 reference) by at most ``factor``
+    times the error of ``naive`` (the same computation in plain torch at the input dtype) plus
+    ``atol`` relative to the reference's scale. Scales by dtype and shape by itself."""
+    ref = ref.double()
+    scale = ref.abs().max().clamp_min(1.0).item()
+    err = (out.double() - ref).abs().max().item()
+    naive_err = (naive.double() - ref).abs().max().item()
+    bound = factor * naive_err + atol * scale
+    assert err <= bound, f"{name}: max error {err:.3g} > {factor} x naive error {naive_err:.3g} + {atol:g} x {scale:.3g}"
