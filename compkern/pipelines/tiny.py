@@ -1,0 +1,100 @@
+"""A tiny random-weight Stable Diffusion folder (SD 1.x or SDXL layout) for offline tests,
+benchmarks and smoke runs: every component is built from a small config and written with
+``save_pretrained``, exactly as a real checkpoint folder is laid out (model_index.json, unet/,
+vae/, text_encoder/, tokenizer/, scheduler/, and for SDXL text_encoder_2/, tokenizer_2/).
+
+The tokenizer is a byte-level CLIP BPE whose vocabulary is the 256 byte symbols (plain and with the
+end-of-word mark) and a handful of merges, so any prompt tokenizes without a downloaded vocab.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+TINY_MAX_LENGTH = 32  # tokens per prompt (SD uses 77)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_clip_tokenizer_files(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """Write vocab.json and merges.txt of a byte-level CLIP BPE (about 520 tokens)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    merges = ["c a", "ca r</w>", "d o", "do g</w>"]
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def _tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = write_tiny_clip_tokenizer_files(folder)
+    return CLIPTokenizer(str(vocab), str(merges), model_max_length=TINY_MAX_LENGTH)
+
+
+def save_tiny_pipeline(path: str | os.PathLike, *, sdxl: bool = False, prediction_type: str = "epsilon",
+                       sample_size: int = 8, seed: int = 0) -> Path:
+    """Build a random-weight pipeline with ``sample_size`` x ``sample_size`` latents (images twice
+    as large), save it under ``path`` and return the path. ``sdxl`` adds the second text encoder
+    and the added (text_embeds, time_ids) conditioning of SDXL."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok_dir = path / "_tok"
+    text_cfg = dict(bos_token_id=0, eos_token_id=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                    num_hidden_layers=2, max_position_embeddings=TINY_MAX_LENGTH, hidden_act="gelu",
+                    layer_norm_eps=1e-5, pad_token_id=1)
+    tokenizer = _tokenizer(tok_dir)
+    text_cfg["vocab_size"] = len(tokenizer)
+    text_cfg["eos_token_id"] = tokenizer.eos_token_id
+    text_cfg["bos_token_id"] = tokenizer.bos_token_id
+    text_cfg["pad_token_id"] = tokenizer.pad_token_id
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    unet_cfg = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=sample_size, in_channels=4,
+                    out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                    attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=2 * sample_size, layers_per_block=1)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    if sdxl:
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg, projection_dim=16))
+        tokenizer_2 = _tokenizer(tok_dir)
+        unet = UNet2DConditionModel(**{**unet_cfg, "cross_attention_dim": 32}, addition_embed_type="text_time",
+                                    addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    else:
+        unet = UNet2DConditionModel(**unet_cfg)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return path
