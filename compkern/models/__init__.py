@@ -3,3 +3,9 @@ from compkern.models.base import EpsModel, evaluate_conditions, stack_conditions
 from compkern.models.schedule import NoiseSchedule
 
 __all__ = ["EpsModel", "NoiseSchedule", "evaluate_conditions", "stack_conditions"]
+
+# 2-D toy models (issue 6): class-conditional MLP and the RRR energy-parameterized wrapper.
+from compkern.models.energy import EnergyEps, EnergyMLP, is_energy_model  # noqa: E402
+from compkern.models.mlp import ConditionalMLP  # noqa: E402
+
+__all__ += ["ConditionalMLP", "EnergyEps", "EnergyMLP", "is_energy_model"]

@@ -85,7 +85,7 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
             for k, v in out.items():
-                running[k] = running.get(k, 0.0) + float(v)
+                running[k] = running.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
             if self.step % self.log_every == 0 or self.step == num_steps:
                 n = self.log_every if self.step % self.log_every == 0 else self.step % self.log_every
                 row = {"step": self.step, **{k: v / n for k, v in running.items()}}
