@@ -1,0 +1,346 @@
+"""CompositionPipeline: composed Stable Diffusion generation over diffusers components.
+
+A prompt is an expression of component prompts, ``"a black car AND a white clock AND NOT a dog"``.
+Its conditions are encoded once (row 0: the negative / unconditional prompt, rows 1..K: the
+components) and cached on the pipeline. Every denoising step evaluates all K+1 conditions in one
+condition-major batched UNet call ((K+1) x B rows, ``chunk_size`` rows at a time) through
+``compkern.models.evaluate_conditions`` and combines them with ``compkern.ops.combine_eps``:
+
+    eps = eps(x, c_0) + guidance_scale * sum_k w_k (eps(x, c_k) - eps(x, c_0)),   w_k = +1 / -1 (NOT)
+
+With ``record=True`` (the default) every step's (x_t, t, preds) stay on the device: CompLift's
+cached trials (compkern.pipelines.lift_maps) reuse them without one extra UNet row.
+
+Supported folders: SD 1.x / 2.x (one CLIP text encoder; epsilon or v-prediction) and SDXL (two
+encoders, penultimate hidden states concatenated, pooled text_embeds and time_ids as added
+conditioning). The scheduler folder supplies the noise schedule and prediction type; sampling is
+compkern's DDIM (eta = 0) / DDPM (eta = 1) on that schedule.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from compkern.models.base import evaluate_conditions
+from compkern.models.schedule import NoiseSchedule
+from compkern.ops import combine_eps
+from compkern.samplers.composed import ComposedEps, StepRecord
+from compkern.samplers.diffusion import ddim_sample
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'fp16' / 'bf16' / 'fp32' (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+# -- expressions ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Composition:
+    """A parsed prompt: K component prompts, their signed composition weights (K,) (+1, or -1 for
+    NOT) and the expression whose ``accept(lift (K, B)) -> (B,) bool`` decides acceptance."""
+
+    text: str
+    components: tuple[str, ...]
+    signs: tuple[float, ...]
+    expression: object
+
+    @property
+    def K(self) -> int:
+        return len(self.components)
+
+    def weights(self, guidance_scale: float = 1.0) -> torch.Tensor:
+        """(K,) fp32: guidance_scale x signs."""
+        return torch.tensor(self.signs, dtype=torch.float32) * float(guidance_scale)
+
+    def accept(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (K, B), positive where component k holds -> (B,) bool."""
+        return self.expression.accept(scores)
+
+
+def parse_composition(text: str) -> Composition:
+    """Parse ``"A AND B AND NOT C"`` with compkern.lift.parse."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"prompt must be a non-empty string expression such as 'a car AND NOT a dog', got {text!r}")
+    try:
+        from compkern.lift import parse
+    except ImportError:  # compkern.lift.parse not landed yet: the AND / NOT subset
+        parse = _AndNot.parse
+    expr = parse(text)
+    comps, signs = _leaves(expr)
+    return Composition(text, tuple(comps), tuple(signs), expr)
+
+
+class _AndNot:
+    """Temporary stand-in for compkern.lift.parse: ``A AND B AND NOT C`` only."""
+
+    def __init__(self, components, signs):
+        self.components, self.signs = components, signs
+
+    @classmethod
+    def parse(cls, text: str) -> "_AndNot":
+        parts = [p.strip() for p in re.split(r"\s+AND\s+", text.strip())]
+        if any(not p for p in parts):
+            raise ValueError(f"prompt has an empty component: {text!r}")
+        comps = [p[4:].strip() if p.startswith("NOT ") else p for p in parts]
+        return cls(comps, [-1.0 if p.startswith("NOT ") else 1.0 for p in parts])
+
+    def weights(self) -> torch.Tensor:
+        return torch.tensor(self.signs)
+
+    def accept(self, lift: torch.Tensor) -> torch.Tensor:
+        s = torch.tensor(self.signs, device=lift.device)[:, None]
+        return torch.where(s > 0, lift > 0, lift <= 0).all(0)
+
+
+def _leaves(expr) -> tuple[list[str], list[float]]:
+    comps = list(expr.components) if hasattr(expr, "components") else list(expr.atoms)
+    w = torch.as_tensor(expr.weights(), dtype=torch.float32).flatten()
+    if len(w) != len(comps):
+        raise ValueError(f"expression has {len(comps)} components but {len(w)} weights")
+    return [str(c) for c in comps], [float(x) for x in w]
+
+
+# -- encoded prompts ------------------------------------------------------------------------------
+@dataclass
+class PromptEmbeddings:
+    """Encoded conditions, row 0 the base (negative or empty prompt), rows 1..K the components.
+
+    states (K+1, L, D) in the UNet dtype; SDXL adds pooled (K+1, P) and time_ids (K+1, 6)."""
+
+    prompts: list[str]
+    states: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def unet_kwargs(self, ids: torch.Tensor) -> dict:
+        """UNet keyword arguments for condition ids (N,) int64."""
+        kw = {"encoder_hidden_states": self.states[ids]}
+        if self.pooled is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": self.pooled[ids], "time_ids": self.time_ids[ids]}
+        return kw
+
+
+class ConditionedUNet:
+    """EpsModel over condition ids: ``model(x_t (N, C, h, w), t (N,), ids (N,) int64) -> eps`` in
+    the UNet dtype. ``ids`` index the rows of a PromptEmbeddings, so the stacked (K+1) x B
+    condition batch holds integers, never copies of the (L, D) states. v-prediction outputs are
+    converted to eps with the schedule."""
+
+    def __init__(self, unet, embeddings: PromptEmbeddings, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.unet, self.embeddings, self.schedule, self.prediction_type = unet, embeddings, schedule, prediction_type
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, device=self.embeddings.states.device).long()
+        x = x_t.to(self.unet.dtype)
+        out = self.unet(x, t, **self.embeddings.unet_kwargs(ids), return_dict=False)[0]
+        if self.prediction_type == "v_prediction":
+            out = self.schedule.v_to_eps(x_t.float(), out.float(), t).to(out.dtype)
+        return out
+
+
+@dataclass
+class CompositionOutput:
+    """images: list of PIL images (or a (B, 3, H, W) tensor in [0, 1] for output_type='pt', None for
+    'latent'); latents (B, 4, h, w) fp32; record: the per-step predictions (None without
+    record); n_evals: UNet rows evaluated; weights (K,) the combine weights used."""
+
+    images: object
+    latents: torch.Tensor
+    record: StepRecord | None
+    n_evals: int
+    composition: Composition
+    weights: torch.Tensor
+    seeds: list[int] = field(default_factory=list)
+
+
+class CompositionPipeline:
+    """Composed generation (Composable Diffusion with one batched UNet call per step) over the
+    components of a diffusers Stable Diffusion folder. Build with ``from_pretrained``."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
+                 *, force_zeros_for_empty_prompt: bool = True):
+        self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.is_sdxl = text_encoder_2 is not None
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.schedule = NoiseSchedule.from_diffusers(scheduler)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        self._cache: dict[tuple[str, ...], PromptEmbeddings] = {}
+        self.n_encodes = 0  # text-encoder batches run (prompts are encoded once per pipeline)
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "fp32",
+                        device: str | torch.device = "cpu") -> "CompositionPipeline":
+        """Load unet/, vae/, text_encoder/, tokenizer/, scheduler/ (and text_encoder_2/,
+        tokenizer_2/ for SDXL) from a diffusers folder. The UNet and text encoders take ``dtype``;
+        a VAE whose config says force_upcast stays fp32."""
+        import diffusers
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        path = Path(path)
+        if not (path / "unet").is_dir():
+            raise ValueError(f"path must be a diffusers Stable Diffusion folder with unet/, vae/, text_encoder/, "
+                             f"tokenizer/, scheduler/; {path} has no unet/")
+        dtype = resolve_dtype(dtype)
+        device = torch.device(device)
+        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        if not vae.config.get("force_upcast", False):
+            vae = vae.to(dtype)
+        vae = vae.to(device).eval()
+        sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+        scheduler = sched_cls.from_pretrained(path, subfolder="scheduler")
+        sdxl = (path / "text_encoder_2").is_dir()
+        te_cls = CLIPTextModel
+        text_encoder = te_cls.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        te2 = tok2 = None
+        if sdxl:
+            te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                              torch_dtype=dtype).to(device).eval()
+            tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, te2, tok2,
+                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_one(self, prompts: list[str], tokenizer, text_encoder, penultimate: bool):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(text_encoder.device)
+        out = text_encoder(ids, output_hidden_states=penultimate)
+        states = out.hidden_states[-2] if penultimate else out[0]
+        return states, (out[0] if out[0].dim() == 2 else None)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None) -> PromptEmbeddings:
+        """Encode prompts (row 0 the base) once; later calls with the same prompts and size hit a cache."""
+        prompts = [str(p) for p in prompts]
+        key = (*prompts, str(height), str(width))
+        if key in self._cache:
+            return self._cache[key]
+        self.n_encodes += 1
+        if not self.is_sdxl:
+            states, _ = self._encode_one(prompts, self.tokenizer, self.text_encoder, penultimate=False)
+            emb = PromptEmbeddings(prompts, states.to(self.dtype))
+        else:
+            s1, _ = self._encode_one(prompts, self.tokenizer, self.text_encoder, penultimate=True)
+            s2, pooled = self._encode_one(prompts, self.tokenizer_2, self.text_encoder_2, penultimate=True)
+            states = torch.cat([s1, s2.to(s1.dtype)], dim=-1)
+            if self.force_zeros_for_empty_prompt:
+                empty = torch.tensor([p == "" for p in prompts], device=states.device)
+                states = torch.where(empty[:, None, None], torch.zeros_like(states), states)
+                pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+            h = height or self.unet.config.sample_size * self.vae_scale
+            w = width or self.unet.config.sample_size * self.vae_scale
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=states.device).expand(len(prompts), 6)
+            emb = PromptEmbeddings(prompts, states.to(self.dtype), pooled.to(self.dtype), time_ids.contiguous())
+        self._cache[key] = emb
+        return emb
+
+    def prepare(self, prompt: str | Composition, *, negative_prompt: str = "", height: int | None = None,
+                width: int | None = None) -> tuple[Composition, PromptEmbeddings]:
+        """Parse the expression and encode [negative_prompt, *components] (once)."""
+        comp = prompt if isinstance(prompt, Composition) else parse_composition(prompt)
+        return comp, self.encode([negative_prompt, *comp.components], height=height, width=width)
+
+    def eps_model(self, embeddings: PromptEmbeddings) -> ConditionedUNet:
+        return ConditionedUNet(self.unet, embeddings, self.schedule, self.prediction_type)
+
+    # -- sampling --------------------------------------------------------------------------------
+    def initial_latents(self, seeds: Sequence[int], *, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """(B, C, h, w) fp32 standard normal, one CPU generator per seed (independent of batching)."""
+        h = (height or self.unet.config.sample_size * self.vae_scale) // self.vae_scale
+        w = (width or self.unet.config.sample_size * self.vae_scale) // self.vae_scale
+        x = [torch.randn(self.latent_channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(x).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Composition, *, seeds: Sequence[int] = (0,), num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, negative_prompt: str = "", eta: float = 0.0,
+                 height: int | None = None, width: int | None = None, chunk_size: int | None = None,
+                 record: bool = True, output_type: str = "pil", latents: torch.Tensor | None = None,
+                 progress: bool = False) -> CompositionOutput:
+        """Generate len(seeds) images of the composed prompt. ``chunk_size`` caps the UNet rows per
+        call (None: all (K+1) x B rows at once)."""
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        comp, emb = self.prepare(prompt, negative_prompt=negative_prompt, height=height, width=width)
+        seeds = [int(s) for s in seeds]
+        x_T = self.initial_latents(seeds, height=height, width=width) if latents is None else latents.float()
+        if x_T.dim() != 4 or x_T.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must have shape (B, {self.latent_channels}, h, w), got {tuple(x_T.shape)}")
+        B = x_T.shape[0]
+        weights = comp.weights(guidance_scale).to(self.device)
+        ids = torch.arange(comp.K + 1, device=self.device)[:, None].expand(comp.K + 1, B)
+        eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=chunk_size, record=record)
+        x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, progress=progress,
+                         generator=torch.Generator(self.device).manual_seed(seeds[0]) if eta > 0 else None)
+        images = None if output_type == "latent" else self.decode(x0, output_type=output_type)
+        return CompositionOutput(images, x0, eps_fn.record, eps_fn.n_evals, comp, weights, seeds)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: PromptEmbeddings, *,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """x_t (B, C, h, w), t (B,) -> preds (K+1, B, C, h, w) of every condition, one batched call."""
+        B = x_t.shape[0]
+        ids = torch.arange(len(embeddings), device=x_t.device)[:, None].expand(len(embeddings), B)
+        return evaluate_conditions(self.eps_model(embeddings), x_t, t, ids, chunk_size=chunk_size)
+
+    @staticmethod
+    def combine(preds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return combine_eps(preds, weights.to(preds.device))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, *, output_type: str = "pil", batch: int = 4):
+        """latents (B, C, h, w) -> PIL images, or a (B, 3, H, W) fp32 tensor in [0, 1]."""
+        vdt = self.vae.dtype
+        outs = []
+        for s in range(0, latents.shape[0], batch):
+            z = latents[s:s + batch].to(vdt) / self.vae.config.scaling_factor
+            outs.append(self.vae.decode(z, return_dict=False)[0].float())
+        img = (torch.cat(outs) / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return img
+        from PIL import Image
+
+        arr = (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+        return [Image.fromarray(a) for a in arr]
