@@ -33,14 +33,22 @@ def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, nu
         eps = eps_fn(x, t_vec).to(x.dtype)
         a_t = float(abar[t])
         a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
-        if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = ddim_step(x, eps, a_t, a_prev, eta=eta, clip_x0=clip_x0, generator=generator)
+    return x
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, *, eta: float = 0.0,
+              clip_x0: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step x_t -> x_prev (Song et al. 2021, eq. 12) given eps at x_t; a_t, a_prev are
+    alphas_cumprod at t and at the previous (less noisy) level (1.0 for x0)."""
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+    x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+    if sigma > 0:
+        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x
 
 
