@@ -139,22 +139,24 @@ class PromptEmbeddings:
 class ConditionedUNet:
     """EpsModel over condition ids: ``model(x_t (N, C, h, w), t (N,), ids (N,) int64) -> eps`` in
     the UNet dtype. ``ids`` index the rows of a PromptEmbeddings, so the stacked (K+1) x B
-    condition batch holds integers, never copies of the (L, D) states. v-prediction outputs are
-    converted to eps with the schedule."""
+    condition batch holds integers, never copies of the (L, D) states. The output goes to eps
+    through compkern.models.unet.UNetEps (epsilon, v_prediction or sample models)."""
 
     def __init__(self, unet, embeddings: PromptEmbeddings, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-        self.unet, self.embeddings, self.schedule, self.prediction_type = unet, embeddings, schedule, prediction_type
+        from compkern.models.unet import UNetEps
+
+        self.adapter = UNetEps(unet, schedule, prediction_type)
+        self.unet, self.embeddings = unet, embeddings
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(ids, device=self.embeddings.states.device).long()
         x = x_t.to(self.unet.dtype)
-        out = self.unet(x, t, **self.embeddings.unet_kwargs(ids), return_dict=False)[0]
-        if self.prediction_type == "v_prediction":
-            out = self.schedule.v_to_eps(x_t.float(), out.float(), t).to(out.dtype)
-        return out
+        emb = self.embeddings
+        if emb.pooled is None:
+            return self.adapter(x, t, emb.states[ids])
+        raw = self.unet(x, t, **emb.unet_kwargs(ids), return_dict=False)[0]  # SDXL: added conditioning
+        return self.adapter.to_eps(x, raw, t)
 
 
 @dataclass
@@ -192,38 +194,28 @@ class CompositionPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "fp32",
                         device: str | torch.device = "cpu") -> "CompositionPipeline":
-        """Load unet/, vae/, text_encoder/, tokenizer/, scheduler/ (and text_encoder_2/,
-        tokenizer_2/ for SDXL) from a diffusers folder. The UNet and text encoders take ``dtype``;
-        a VAE whose config says force_upcast stays fp32."""
-        import diffusers
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        """Load unet/, vae/, text_encoder/, tokenizer/, scheduler/ (compkern.models.unet.SDComponents)
+        and, for SDXL, text_encoder_2/ + tokenizer_2/ from a local diffusers folder, offline. The
+        models take ``dtype``, except a VAE whose config says force_upcast (fp32)."""
+        from transformers import CLIPTextModelWithProjection
+
+        from compkern.models.unet import SDComponents
 
         path = Path(path)
-        if not (path / "unet").is_dir():
-            raise ValueError(f"path must be a diffusers Stable Diffusion folder with unet/, vae/, text_encoder/, "
-                             f"tokenizer/, scheduler/; {path} has no unet/")
         dtype = resolve_dtype(dtype)
-        device = torch.device(device)
+        parts = SDComponents.from_pretrained(path, with_vae=True, torch_dtype=dtype, device=device)
+        if parts.vae.config.get("force_upcast", False):
+            parts.vae.float()  # SDXL's VAE overflows in fp16
         index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).to(device).eval()
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        if not vae.config.get("force_upcast", False):
-            vae = vae.to(dtype)
-        vae = vae.to(device).eval()
-        sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
-        scheduler = sched_cls.from_pretrained(path, subfolder="scheduler")
-        sdxl = (path / "text_encoder_2").is_dir()
-        te_cls = CLIPTextModel
-        text_encoder = te_cls.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         te2 = tok2 = None
-        if sdxl:
-            te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                              torch_dtype=dtype).to(device).eval()
-            tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, te2, tok2,
+        if (path / "text_encoder_2").is_dir():  # SDXL
+            from transformers import AutoTokenizer
+
+            te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype,
+                                                              local_files_only=True)
+            te2 = te2.to(device).requires_grad_(False).eval()
+            tok2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler, te2, tok2,
                    force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
 
     @property
