@@ -49,8 +49,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 # -- expressions ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Composition:
-    """A parsed prompt: K component prompts, their signed composition weights (K,) (+1, or -1 for
-    NOT) and the expression whose ``accept(lift (K, B)) -> (B,) bool`` decides acceptance."""
+    """A parsed prompt: K component prompts, the expression's composed-eps weights ``signs`` (K,)
+    (+1; negative under NOT; 1/m inside an OR of m terms; times a written weight such as 0.5*) and
+    the expression whose ``accept(lift (K, B)) -> (B,) bool`` decides acceptance."""
 
     text: str
     components: tuple[str, ...]
@@ -62,7 +63,7 @@ class Composition:
         return len(self.components)
 
     def weights(self, guidance_scale: float = 1.0) -> torch.Tensor:
-        """(K,) fp32: guidance_scale x signs."""
+        """(K,) fp32: guidance_scale x signs (the combine_eps weights of generation)."""
         return torch.tensor(self.signs, dtype=torch.float32) * float(guidance_scale)
 
     def accept(self, scores: torch.Tensor) -> torch.Tensor:
@@ -70,47 +71,49 @@ class Composition:
         return self.expression.accept(scores)
 
 
+_PROMPT_TOKEN = re.compile(r'\s*("[^"]*"|\(|\)|(?:\d+(?:\.\d*)?|\.\d+)\s*\*|[^\s()"]+)')
+
+
+def to_expression(text: str) -> str:
+    """Quote the free-text phrases of a prompt expression for compkern.lift.parse:
+    ``a black car AND NOT a dog`` -> ``"a black car" AND NOT "a dog"``. Only upper-case AND / OR /
+    NOT are operators here (a lower-case "and" stays inside its phrase); parentheses, weights
+    (``0.5*``) and already quoted phrases pass through."""
+    out: list[str] = []
+    words: list[str] = []
+
+    def flush():
+        if words:
+            out.append('"' + " ".join(words) + '"')
+            words.clear()
+
+    pos = 0
+    for m in _PROMPT_TOKEN.finditer(text):
+        if text[pos:m.start()].strip():
+            break
+        pos = m.end()
+        tok = m.group(1)
+        if tok in ("AND", "OR", "NOT", "(", ")") or tok.startswith('"') or tok.rstrip().endswith("*"):
+            flush()
+            out.append(tok)
+        else:
+            words.append(tok)
+    if text[pos:].strip():
+        raise ValueError(f"prompt has an unbalanced quote or an unreadable part at position {pos}: {text!r}")
+    flush()
+    return " ".join(out)
+
+
 def parse_composition(text: str) -> Composition:
-    """Parse ``"A AND B AND NOT C"`` with compkern.lift.parse."""
+    """Parse a prompt expression such as ``"a black car AND a white clock AND NOT a dog"`` (see
+    ``to_expression``) with compkern.lift.parse."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"prompt must be a non-empty string expression such as 'a car AND NOT a dog', got {text!r}")
-    try:
-        from compkern.lift import parse
-    except ImportError:  # compkern.lift.parse not landed yet: the AND / NOT subset
-        parse = _AndNot.parse
-    expr = parse(text)
-    comps, signs = _leaves(expr)
-    return Composition(text, tuple(comps), tuple(signs), expr)
+    from compkern.lift import parse
 
-
-class _AndNot:
-    """Temporary stand-in for compkern.lift.parse: ``A AND B AND NOT C`` only."""
-
-    def __init__(self, components, signs):
-        self.components, self.signs = components, signs
-
-    @classmethod
-    def parse(cls, text: str) -> "_AndNot":
-        parts = [p.strip() for p in re.split(r"\s+AND\s+", text.strip())]
-        if any(not p for p in parts):
-            raise ValueError(f"prompt has an empty component: {text!r}")
-        comps = [p[4:].strip() if p.startswith("NOT ") else p for p in parts]
-        return cls(comps, [-1.0 if p.startswith("NOT ") else 1.0 for p in parts])
-
-    def weights(self) -> torch.Tensor:
-        return torch.tensor(self.signs)
-
-    def accept(self, lift: torch.Tensor) -> torch.Tensor:
-        s = torch.tensor(self.signs, device=lift.device)[:, None]
-        return torch.where(s > 0, lift > 0, lift <= 0).all(0)
-
-
-def _leaves(expr) -> tuple[list[str], list[float]]:
-    comps = list(expr.components) if hasattr(expr, "components") else list(expr.atoms)
+    expr = parse(to_expression(text))
     w = torch.as_tensor(expr.weights(), dtype=torch.float32).flatten()
-    if len(w) != len(comps):
-        raise ValueError(f"expression has {len(comps)} components but {len(w)} weights")
-    return [str(c) for c in comps], [float(x) for x in w]
+    return Composition(text, tuple(expr.names), tuple(float(x) for x in w), expr)
 
 
 # -- encoded prompts ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 # settings that change which images are accepted: a resumed run must match them
 _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "lift",
-           "threshold", "min_pixels", "rule", "height", "width", "dtype")
+           "trials", "threshold", "min_pixels", "rule", "height", "width", "dtype")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=LM.DEFAULT_THRESHOLD, help="pixel lift threshold")
     p.add_argument("--min-pixels", type=float, default=LM.DEFAULT_MIN_PIXELS,
                    help="latent pixels above threshold for a component to count as present (below 1: a fraction)")
+    p.add_argument("--trials", type=int, default=50,
+                   help="fresh trials per image (with --rule mean: the most the adaptive estimator may spend)")
     p.add_argument("--rule", default="pixels", choices=["pixels", "mean"], help="object rule, or the mean-lift sign")
     p.add_argument("--chunk-size", type=int, default=None, help="max UNet rows per call (default: all (K+1) x B)")
     p.add_argument("--max-attempts", type=int, default=None, help="stop after this many images (default 20 x n)")
@@ -221,8 +223,9 @@ def _run_batch(pipe, comp, signs, j: int, args, out: Path, rank: int) -> int:
             maps = LM.cached_lift_maps(res.record, signs)
         else:
             emb = pipe.encode([args.negative_prompt, *comp.components], height=args.height, width=args.width)
-            maps = LM.fresh_lift_maps(pipe, res.latents, emb, chunk_size=args.chunk_size,
-                                      generator=torch.Generator(pipe.device).manual_seed(args.seed + j))
+            maps = LM.fresh_lift_maps(pipe, res.latents, emb, n_trials=args.trials, adaptive=args.rule == "mean",
+                                      expr=comp.expression if args.rule == "mean" else None,
+                                      seed=args.seed + j, chunk_size=args.chunk_size)
         rows += maps.n_evals
         ok = LM.accept(comp, maps, threshold=args.threshold, min_pixels=args.min_pixels, rule=args.rule).cpu()
     keep = [b for b in range(B) if ok[b] or args.save_rejected]

@@ -75,51 +75,66 @@ def composed_target(preds: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, steps: slice | None = None,
+def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "composed",
+                     latents: torch.Tensor | None = None, schedule=None, steps: slice | None = None,
                      chunk: int = 8) -> LiftMaps:
-    """Lift maps from the predictions recorded while sampling (each step is one trial), with the
-    composed prediction as target. record.preds: S steps of (K+1, B, C, h, w); signs (K,)."""
+    """Lift maps from the predictions recorded while sampling, each step one trial, no UNet row.
+    record.preds: S steps of (K+1, B, C, h, w); signs (K,): the composed-eps weights.
+
+    target='composed': the composed prediction eps_0 + sum_k signs_k (eps_k - eps_0) (the
+    paper's text-to-image variance reduction); target='noise': the noise recovered from x_t and
+    the final ``latents`` through compkern.lift.estimate_lift's cached trials (needs ``schedule``)."""
     if record is None or len(record) == 0:
         raise ValueError("record must hold the steps of a sampling run made with record=True")
     preds_all = record.preds if steps is None else record.preds[steps]
     if not preds_all:
         raise ValueError(f"steps={steps} selects no recorded step of {len(record)}")
-    K = preds_all[0].shape[0] - 1
+    if preds_all[0].dim() != 5:
+        raise ValueError(f"recorded preds must be (K+1, B, C, h, w), got {tuple(preds_all[0].shape)}")
+    K, C = preds_all[0].shape[0] - 1, preds_all[0].shape[2]
     signs = torch.as_tensor(signs, dtype=torch.float32).flatten()
     if signs.shape != (K,):
         raise ValueError(f"signs must have shape (K,) = ({K},), got {tuple(signs.shape)}")
-    if preds_all[0].dim() != 5:
-        raise ValueError(f"recorded preds must be (K+1, B, C, h, w), got {tuple(preds_all[0].shape)}")
-    total = None
-    for s in range(0, len(preds_all), chunk):
-        preds = torch.stack(preds_all[s:s + chunk])  # (T, K+1, B, C, h, w)
-        target = torch.stack([composed_target(p, signs) for p in preds])
-        part = lift_partial(target, preds, pixel_map=True)
-        total = part if total is None else total + part
-    C = preds_all[0].shape[2]
-    pix = total.pixel_mean.float() / C
+    if target == "noise":
+        from compkern.lift import estimate_lift
+
+        if latents is None or schedule is None:
+            raise ValueError("target='noise' needs the final latents (B, C, h, w) and the schedule")
+        if steps is not None:
+            record = StepRecord(record.x_t[steps], record.t[steps], record.preds[steps])
+        res = estimate_lift(None, latents.float(), list(range(1, K + 1)), 0, schedule, n_trials=0, record=record,
+                            pixel_map=True)
+        pix = res.pixel_lift.float() / C
+    elif target == "composed":
+        total = None
+        for s in range(0, len(preds_all), chunk):
+            preds = torch.stack(preds_all[s:s + chunk])  # (T, K+1, B, C, h, w)
+            tgt = torch.stack([composed_target(p, signs) for p in preds])
+            part = lift_partial(tgt, preds, pixel_map=True)
+            total = part if total is None else total + part
+        pix = total.pixel_mean.float() / C
+    else:
+        raise ValueError(f"target must be 'composed' or 'noise', got {target!r}")
     _check_finite("pixel lift", pix)
     return LiftMaps(pix, len(preds_all), 0)
 
 
 @torch.no_grad()
-def fresh_lift_maps(pipe, latents: torch.Tensor, embeddings, *, generator: torch.Generator | None = None,
-                    chunk_size: int | None = None, **options) -> LiftMaps:
-    """Lift maps from fresh trials on the final latents (B, C, h, w) through
-    compkern.lift.estimate_lift (adaptive: it stops once every sign it needs is certain);
-    ``options`` go to estimate_lift. Conditions are the rows of ``embeddings`` (row 0 the null)."""
+def fresh_lift_maps(pipe, latents: torch.Tensor, embeddings, *, n_trials: int = 50, adaptive: bool = False,
+                    expr=None, seed: int = 0, chunk_size: int | None = None, **options) -> LiftMaps:
+    """Lift maps from fresh trials (true noise as target) on the final latents (B, C, h, w) through
+    compkern.lift.estimate_lift: ``n_trials`` per image, or with ``adaptive`` at most that many,
+    stopping once every sign ``expr`` needs is certain. Conditions are the rows of ``embeddings``
+    (row 0 the null); ``options`` go to estimate_lift."""
     from compkern.lift import estimate_lift
 
     K = len(embeddings) - 1
-    model = pipe.eps_model(embeddings)
-    res = estimate_lift(model, latents.float(), list(range(1, K + 1)), 0, pipe.schedule, pixel_map=True,
-                        generator=generator, chunk_size=chunk_size, **options)
-    if res.pixel_lift is None:
-        raise RuntimeError("estimate_lift returned no pixel_lift although pixel_map=True was asked")
+    res = estimate_lift(pipe.eps_model(embeddings), latents.float(), list(range(1, K + 1)), 0, pipe.schedule,
+                        n_trials=n_trials, adaptive=adaptive, expr=expr, pixel_map=True, chunk_size=chunk_size,
+                        generator=torch.Generator().manual_seed(int(seed)), **options)
     pix = res.pixel_lift.float() / latents.shape[1]
     _check_finite("pixel lift", pix)
-    trials = getattr(res, "n_trials", None)
-    return LiftMaps(pix, int(trials if trials is not None else 0), int(res.n_evals))
+    return LiftMaps(pix, int(res.n_trials.max()), int(res.n_evals))
 
 
 def accept(composition, maps: LiftMaps, *, threshold: float = DEFAULT_THRESHOLD,
