@@ -11,4 +11,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lift_partial", &compkern::lift_partial_cpu,
         "lift_partial on CPU: noise (T, B, *S), preds (T, K+1, B, *S), weights (T, B), pixel_map -> (sum_wd, sum_wd2, pixel|None)",
         py::arg("noise"), py::arg("preds"), py::arg("weights"), py::arg("pixel_map"));
+  m.def("aggregate_attention_forward", &compkern::aggregate_attention_forward_cpu,
+        "aggregate_attention on CPU: list of (B, H_l, P, N) -> (B, P, N) mean over (layer, head)", py::arg("layers"));
+  m.def("attention_losses_forward", &compkern::attention_losses_forward_cpu,
+        "attention_losses on CPU: maps, tokens, text_end, weights, softmax, scale -> (sep, en, arg)", py::arg("maps"),
+        py::arg("tokens"), py::arg("text_end"), py::arg("weights"), py::arg("softmax"), py::arg("scale"));
+  m.def("attention_losses_backward", &compkern::attention_losses_backward_cpu,
+        "attention_losses backward on CPU -> grad w.r.t. maps", py::arg("maps"), py::arg("tokens"), py::arg("text_end"),
+        py::arg("weights"), py::arg("softmax"), py::arg("scale"), py::arg("arg"), py::arg("grad_sep"),
+        py::arg("grad_en"));
 }

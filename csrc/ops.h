@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #include <c10/util/Optional.h>
 
@@ -13,4 +14,15 @@ at::Tensor combine_eps_cpu(const at::Tensor& preds, const at::Tensor& weights);
 // (sum_wd (K, B), sum_wd2 (K, B), sum_wd_pixel (K, B, H, W) if pixel_map), fp32 (fp64 for fp64).
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> lift_partial_cpu(
     const at::Tensor& noise, const at::Tensor& preds, const at::Tensor& weights, bool pixel_map);
+// attention.cpp. aggregate_attention: layers (B, H_l, P, N) -> (B, P, N) mean over (layer, head), fp32 (fp64).
+at::Tensor aggregate_attention_forward_cpu(const std::vector<at::Tensor>& layers);
+// attention.cpp. attention_losses: maps (B, P, N), tokens (B, K) int64, text_end (B,) int64, weights (ks,)
+// -> (sep (B,), en (B,), arg (B, 3) int64 = (p_sep, k_en, q_en)); backward -> grad w.r.t. maps.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_losses_forward_cpu(const at::Tensor& maps, const at::Tensor& tokens,
+                                                                            const at::Tensor& text_end,
+                                                                            const at::Tensor& weights, bool softmax,
+                                                                            double scale);
+at::Tensor attention_losses_backward_cpu(const at::Tensor& maps, const at::Tensor& tokens, const at::Tensor& text_end,
+                                         const at::Tensor& weights, bool softmax, double scale, const at::Tensor& arg,
+                                         const at::Tensor& grad_sep, const at::Tensor& grad_en);
 }  // namespace compkern

@@ -60,8 +60,9 @@ NORMALIZE_MODES = ("softmax", "none")
 # ----------------------------------------------------------------------------------------------
 
 def _layer_views(layer_probs, resolution: int, heads: int | None,
-                 batch_size: int | None) -> list[torch.Tensor]:
-    """Checks layer_probs and returns the layers at ``resolution`` as (B, H_l, P, N) views."""
+                 batch_size: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Checks layer_probs; returns (the layers at ``resolution`` as given, the same as
+    (B, H_l, P, N) views)."""
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
     if isinstance(layer_probs, torch.Tensor):
@@ -73,12 +74,14 @@ def _layer_views(layer_probs, resolution: int, heads: int | None,
             raise ValueError(f"{name} must be a positive int or None, got {v!r}")
     P = resolution * resolution
     views: list[torch.Tensor] = []
+    originals: list[torch.Tensor] = []
     for i, x in enumerate(layer_probs):
         check_tensor(f"layer_probs[{i}]", x, expected="(B*heads, P, N) or (B, heads, P, N)")
         if x.dim() not in (3, 4):
             raise ValueError(f"layer_probs[{i}] must have shape (B*heads, P, N) or (B, heads, P, N), got {tuple(x.shape)}")
         if x.shape[-2] != P:
             continue  # another resolution: skipped, as Attend-and-Excite's aggregate_attention does
+        originals.append(x)
         if x.dim() == 3:
             rows = x.shape[0]
             if heads is not None:
@@ -105,7 +108,7 @@ def _layer_views(layer_probs, resolution: int, heads: int | None,
     if batch_size is not None and B != batch_size:
         raise ValueError(f"layer_probs have batch {B}, but batch_size={batch_size}")
     check_same_device(**{f"layer_probs[{i}]": v for i, v in enumerate(views)})
-    return views
+    return originals, views
 
 
 def _check_losses(maps, token_indices, sigma, kernel_size, normalize, softmax_scale, text_end):
@@ -175,28 +178,36 @@ def _check_losses(maps, token_indices, sigma, kernel_size, normalize, softmax_sc
 # aggregate_attention
 # ----------------------------------------------------------------------------------------------
 
-def _aggregate_backward(grad: torch.Tensor, metas: Sequence[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
-    """d out / d layer = 1 / (number of maps), broadcast over heads as a stride-0 view. Layers that
-    share (shape, dtype) share one gradient tensor (no copy per layer)."""
-    total = sum(shape[1] for shape, _ in metas)
-    g = grad * (1.0 / total)
-    cache: dict = {}
-    for shape, dtype in metas:
-        key = (tuple(shape), dtype)
-        if key not in cache:
-            cache[key] = g.to(dtype).unsqueeze(1).expand(shape)
-    return [cache[(tuple(shape), dtype)] for shape, dtype in metas]
-
-
 class _AggregateFn(torch.autograd.Function):
+    """Fused mean over (layer, head). Inputs are the layers as given ((B*H, P, N) or (B, H, P, N));
+    d out / d layer = 1 / (number of maps) broadcast over heads: a stride-0 view for 4D layers, one
+    materialized tensor per distinct (shape, dtype) for 3D layers, shared by all such layers."""
+
     @staticmethod
-    def forward(ctx, impl, *views):
-        ctx.metas = [(v.shape, v.dtype) for v in views]
-        return impl(list(views))
+    def forward(ctx, impl, B, *layers):
+        views = [x.reshape(B, x.shape[0] // B, *x.shape[1:]) if x.dim() == 3 else x for x in layers]
+        ctx.B = B
+        ctx.metas = [(x.shape, x.dtype) for x in layers]
+        return impl(views)
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, *_aggregate_backward(grad, ctx.metas))
+        B = ctx.B
+        total = sum(shape[0] // B if len(shape) == 3 else shape[1] for shape, _ in ctx.metas)
+        g = grad * (1.0 / total)
+        cache: dict = {}
+        for shape, dtype in ctx.metas:
+            key = (tuple(shape), dtype)
+            if key in cache:
+                continue
+            if len(shape) == 4:
+                cache[key] = g.to(dtype).unsqueeze(1).expand(shape)
+            else:
+                H = shape[0] // B
+                out = torch.empty((B, H, *shape[1:]), dtype=dtype, device=grad.device)
+                out.copy_(g.unsqueeze(1).expand(out.shape))
+                cache[key] = out.view(shape)
+        return (None, None, *[cache[(tuple(shape), dtype)] for shape, dtype in ctx.metas])
 
 
 def _aggregate_torch(views):
@@ -226,11 +237,11 @@ def aggregate_attention(layer_probs: Sequence[torch.Tensor] | torch.Tensor, *, r
     Attend-and-Excite's aggregate_attention does). Returns (B, P, N) in fp32 (fp64 for fp64), the
     mean over all (layer, head) maps, read once from each layer (no stacked copy).
     Differentiable w.r.t. every layer."""
-    views = _layer_views(layer_probs, resolution, heads, batch_size)
+    layers, views = _layer_views(layer_probs, resolution, heads, batch_size)
     impl = _dispatch.resolve("aggregate_attention", backend, views[0].device, AGGREGATE_IMPLS)
     if impl is _aggregate_torch:
         return impl(views)
-    return _AggregateFn.apply(impl, *views)
+    return _AggregateFn.apply(impl, views[0].shape[0], *layers)
 
 
 class AttentionAccumulator:
@@ -268,7 +279,7 @@ class AttentionAccumulator:
         if torch.is_grad_enabled() and probs.requires_grad:
             self._layers.append(probs)
             return
-        (v,) = _layer_views([probs], self.resolution, None, self.batch_size)
+        _, (v,) = _layer_views([probs], self.resolution, None, self.batch_size)
         part = aggregate_attention([v], resolution=self.resolution, backend=self.backend) * v.shape[1]
         self._sum = part if self._sum is None else self._sum + part
         self._count += v.shape[1]
@@ -282,8 +293,9 @@ class AttentionAccumulator:
             raise ValueError(f"AttentionAccumulator holds no layer at resolution {self.resolution}")
         if not self._layers:
             return self._sum / self._count
-        views = _layer_views(self._layers, self.resolution, None, self.batch_size)
-        out = aggregate_attention(views, resolution=self.resolution, backend=self.backend)
+        _, views = _layer_views(self._layers, self.resolution, None, self.batch_size)
+        out = aggregate_attention(self._layers, resolution=self.resolution, batch_size=self.batch_size,
+                                  backend=self.backend)
         if self._sum is None:
             return out
         n = sum(v.shape[1] for v in views)
@@ -366,6 +378,7 @@ def attention_losses(maps: torch.Tensor, token_indices: torch.Tensor | Sequence[
     if impl == "torch":
         return reference.attention_losses(maps, tokens, text_end, float(sigma), kernel_size, normalize,
                                           float(softmax_scale))
-    weights = reference.attention_gaussian_weights(float(sigma), kernel_size, torch.float32, maps.device)
+    acc = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    weights = reference.attention_gaussian_weights(float(sigma), kernel_size, acc, maps.device)
     sep, en, _ = _LossesFn.apply(impl, maps.contiguous(), tokens, text_end, weights, normalize, float(softmax_scale))
     return sep, en
