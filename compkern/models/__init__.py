@@ -9,3 +9,8 @@ from compkern.models.energy import EnergyEps, EnergyMLP, is_energy_model  # noqa
 from compkern.models.mlp import ConditionalMLP  # noqa: E402
 
 __all__ += ["ConditionalMLP", "EnergyEps", "EnergyMLP", "is_energy_model"]
+
+# Multi-object positions (issue 10): position-conditioned UNet, eps- and energy-parameterized.
+from compkern.models.position_unet import PositionEnergyUNet, PositionUNet  # noqa: E402
+
+__all__ += ["PositionEnergyUNet", "PositionUNet"]
