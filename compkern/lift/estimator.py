@@ -1,0 +1,332 @@
+"""The CompLift estimator: lift(x0 | c_k) = E_{t, eps}[ |eps - eps(x_t, null)|^2 - |eps - eps(x_t, c_k)|^2 ].
+
+One batched model call per chunk of trials evaluates the null row and the K conditions on the
+same (eps, t) (compkern.models.evaluate_conditions); ops.lift_partial reduces it. Trials draw t
+uniformly (the paper) or from importance probabilities ``t_probs`` (weights keep the estimand the
+uniform-t average: importance sampling changes the variance, never the answer), in stratified
+blocks of ``chunk_trials`` draws.
+
+Modes:
+- fixed: ``n_trials`` trials for every sample (the paper's settings: 50 in 2-D, 1000 best).
+- adaptive: per (condition, sample), stop once the sign is certain (|mean| > z * stderr after at
+  least ``min_trials``) or, with an ``expr``, once the expression's decision is certain; settled
+  pairs leave the batch, so a sample pays its null row only while one of its signs is still open.
+- cached: ``record`` (a StepRecord from ComposedEps(record=True) that generated x0) supplies free
+  trials: the noise of step t is recovered as n_t = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t).
+  Fresh trials are then added (adaptive: only where the sign is still open).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compkern.models.base import EpsModel, evaluate_conditions, stack_conditions
+from compkern.models.schedule import NoiseSchedule
+from compkern.ops import lift_partial
+
+
+@dataclass
+class LiftResult:
+    """lift, stderr, n_trials (K, B); pixel_lift (K, B, H, W) or None; n_evals: model rows spent
+    (cached trials are free); accept (B,) bool and decided (B,) bool when an ``expr`` was given."""
+
+    lift: torch.Tensor
+    stderr: torch.Tensor
+    n_trials: torch.Tensor
+    n_evals: int
+    pixel_lift: torch.Tensor | None = None
+    accept: torch.Tensor | None = None
+    decided: torch.Tensor | None = None
+
+
+class _Sums:
+    """Running sums per (condition, sample) of the importance-weighted trial values v = w * d:
+    count n, sum of v, sum of v^2 (and of the per-pixel v). Per pair, because settled pairs stop
+    receiving trials while their sample goes on.
+
+    The estimate is the plain importance-sampling mean sum(v) / n (unbiased for the uniform-t
+    average, since E_q[w] = 1) with the iid standard error of v. (ops.LiftPartial's Kish stderr
+    is meant for weights unrelated to d; importance weights are large exactly where d is small,
+    where it overstates the error several-fold.)"""
+
+    def __init__(self, K: int, B: int, pixel_shape: tuple[int, ...] | None, device, dtype):
+        z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
+        self.n, self.s1, self.s2 = z(K, B), z(K, B), z(K, B)
+        self.pix = None if pixel_shape is None else z(K, B, *pixel_shape)
+
+    def add(self, k: torch.Tensor, b: torch.Tensor, n, s1, s2, pix=None) -> None:
+        """Add sums for the pairs (k[i], b[i]) (each pair at most once per call)."""
+        self.n[k, b] += n
+        self.s1[k, b] += s1
+        self.s2[k, b] += s2
+        if pix is not None and self.pix is not None:
+            self.pix[k, b] += pix
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.s1 / self.n.clamp_min(1)
+
+    @property
+    def stderr(self) -> torch.Tensor:
+        n = self.n
+        var = (self.s2 / n.clamp_min(1) - self.mean.square()).clamp_min(0) * n / (n - 1).clamp_min(1)
+        return torch.where(n > 1, (var / n.clamp_min(1)).sqrt(), torch.full_like(n, float("inf")))
+
+
+# -- timestep proposals -----------------------------------------------------------------------------
+def _draw_t(probs: torch.Tensor | None, num_steps: int, n: int, B: int, stratified: bool,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t (n, B) int64, w (n, B) fp32) with w = (1/T) / q(t); stratified: draw j of each sample
+    comes from the j-th of n equal-mass slices of q."""
+    if probs is None:
+        q = torch.full((num_steps,), 1.0 / num_steps, dtype=torch.float64)
+    else:
+        q = probs
+    u = torch.rand(n, B, generator=generator, dtype=torch.float64)
+    if stratified:
+        u = (torch.arange(n, dtype=torch.float64)[:, None] + u) / n
+    cdf = torch.cumsum(q, 0)
+    cdf = cdf / cdf[-1]
+    t = torch.searchsorted(cdf, u.clamp(max=1 - 1e-12), right=True).clamp(max=num_steps - 1)
+    w = ((1.0 / num_steps) / q[t]).float()
+    return t, w
+
+
+def importance_probs(profile: torch.Tensor, *, floor: float = 0.1) -> torch.Tensor:
+    """A proposal over timesteps from a per-t profile (num_steps,) of sqrt(E[d^2 | t]) (the
+    variance-minimizing shape), mixed with ``floor`` of the uniform so weights stay bounded."""
+    profile = torch.as_tensor(profile, dtype=torch.float64)
+    if profile.dim() != 1 or bool((profile < 0).any()) or not bool(torch.isfinite(profile).all()):
+        raise ValueError("profile must be a finite non-negative 1-D tensor (num_steps,)")
+    if not 0 < floor <= 1:
+        raise ValueError(f"floor must lie in (0, 1], got {floor}")
+    T = profile.shape[0]
+    q = profile / profile.sum() if float(profile.sum()) > 0 else torch.full((T,), 1.0 / T, dtype=torch.float64)
+    return (1 - floor) * q + floor / T
+
+
+@torch.no_grad()
+def calibrate_t_probs(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any, schedule: NoiseSchedule, *,
+                      n_trials: int = 16, bins: int = 20, floor: float = 0.1,
+                      generator: torch.Generator | None = None, chunk_size: int | None = None) -> tuple[torch.Tensor, int]:
+    """Importance probabilities over t from a uniform pilot on a few samples x0 (B, *S).
+
+    The pilot measures sqrt(mean d^2) in ``bins`` equal bins of t; the proposal is that profile,
+    piecewise constant, mixed with ``floor`` of the uniform. Returns (probs (num_steps,), model rows
+    spent). Calibrate once per model and task, then reuse the probs for every batch."""
+    T = schedule.num_steps
+    res = _Pilot(T, bins)
+    estimate_lift(model, x0, conds, null_cond, schedule, n_trials=n_trials, chunk_trials=min(n_trials, 8),
+                  stratified=True, generator=generator, chunk_size=chunk_size, _pilot=res)
+    edges = torch.linspace(0, T, bins + 1).round().long()
+    prof = torch.zeros(T, dtype=torch.float64)
+    for i in range(bins):
+        c = res.count[i]
+        prof[edges[i]:edges[i + 1]] = (res.sq[i] / c).sqrt() if c > 0 else 0.0
+    return importance_probs(prof, floor=floor), res.rows
+
+
+class _Pilot:
+    def __init__(self, T: int, bins: int):
+        self.T, self.bins = T, bins
+        self.sq = torch.zeros(bins, dtype=torch.float64)
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, t: torch.Tensor, d2: torch.Tensor) -> None:
+        """t (N,) timesteps, d2 (N,) mean over conditions of d^2."""
+        idx = (t.cpu() * self.bins // self.T).clamp(max=self.bins - 1)
+        self.sq.index_add_(0, idx, d2.cpu().double())
+        self.count.index_add_(0, idx, torch.ones_like(d2.cpu().double()))
+
+
+# -- the estimator ------------------------------------------------------------------------------------
+def _stack(conds: Any, null_cond: Any, B: int, device) -> torch.Tensor:
+    """(K+1, B, *C) condition-major, null first."""
+    if isinstance(conds, torch.Tensor):
+        if conds.dim() < 2 or conds.shape[1] != B:
+            raise ValueError(f"conds as a tensor must be (K, B={B}, *C), got {tuple(conds.shape)}; "
+                             "or pass a list of K conditions shared by the batch")
+        null = torch.as_tensor(null_cond, device=conds.device)
+        C = tuple(conds.shape[2:])
+        if tuple(null.shape) == (B, *C):
+            null = null.unsqueeze(0)
+        elif tuple(null.shape) == C:
+            null = null.reshape(1, 1, *C).expand(1, B, *C)
+        else:
+            raise ValueError(f"null_cond must have shape (*C) = {C} or (B, *C) = {(B, *C)} for conds {tuple(conds.shape)}, "
+                             f"got {tuple(null.shape)}")
+        return torch.cat([null.to(conds.dtype), conds]).to(device)
+    if not isinstance(conds, (list, tuple)) or not conds:
+        raise TypeError(f"conds must be a non-empty list of K conditions or a tensor (K, B, *C), got {type(conds).__name__}")
+    return stack_conditions([null_cond, *conds], B).to(device)
+
+
+def _z_from(confidence: float | None, z: float | None) -> float:
+    if confidence is not None:
+        if not 0.5 < confidence < 1:
+            raise ValueError(f"confidence must lie in (0.5, 1), got {confidence}")
+        return math.sqrt(2) * torch.erfinv(torch.tensor(2 * confidence - 1, dtype=torch.float64)).item()
+    return 3.0 if z is None else float(z)
+
+
+@torch.no_grad()
+def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any, schedule: NoiseSchedule, *,
+                  n_trials: int = 50, adaptive: bool = False, expr: Any = None, z: float | None = None,
+                  confidence: float | None = None, min_trials: int = 4, chunk_trials: int = 8,
+                  t_probs: torch.Tensor | None = None, stratified: bool = True, antithetic: bool = False,
+                  record: Any = None, pixel_map: bool = False, chunk_size: int | None = None,
+                  generator: torch.Generator | None = None, backend: str = "auto", _pilot: _Pilot | None = None) -> LiftResult:
+    """Estimate the lift of K conditions for each sample.
+
+    x0 (B, *S) clean samples; conds: K conditions (a list, each shared by the batch, or a tensor
+    (K, B, *C)); null_cond: the null/base condition (the model's null id, an empty-prompt state).
+    n_trials: the fixed budget, or the per-pair maximum of fresh trials in adaptive mode.
+    expr: an expression from ``compkern.lift.parse`` over the K conditions (in order); in
+    adaptive mode a sample stops once the expression's value is certain. z / confidence: the
+    two-sided certainty of a sign (default z = 3). t_probs (num_steps,): importance proposal over t
+    (see ``calibrate_t_probs``). antithetic: pair each eps with -eps (chunk_trials must be even).
+    record: a StepRecord of the sampling run that produced x0 (cached trials). pixel_map: also a
+    per-pixel lift (K, B, H, W) for image layouts S = (C, H, W)."""
+    if not isinstance(x0, torch.Tensor) or x0.dim() < 2:
+        raise TypeError("x0 must be a tensor (B, *S)")
+    if not torch.isfinite(x0).all():
+        raise ValueError("x0 holds NaN or inf")
+    if n_trials < 0 or chunk_trials < 1 or min_trials < 2:
+        raise ValueError(f"need n_trials >= 0, chunk_trials >= 1, min_trials >= 2; got {n_trials}, {chunk_trials}, {min_trials}")
+    if antithetic and chunk_trials % 2:
+        raise ValueError(f"antithetic=True pairs eps with -eps: chunk_trials must be even, got {chunk_trials}")
+    if pixel_map and x0.dim() != 4:
+        raise ValueError(f"pixel_map=True needs an image layout x0 (B, C, H, W), got {tuple(x0.shape)}")
+    T = schedule.num_steps
+    if t_probs is not None:
+        t_probs = torch.as_tensor(t_probs, dtype=torch.float64).cpu()
+        if t_probs.shape != (T,) or bool((t_probs < 0).any()) or float(t_probs.sum()) <= 0:
+            raise ValueError(f"t_probs must be a non-negative (num_steps,) = ({T},) tensor with positive sum")
+        t_probs = t_probs / t_probs.sum()
+    zz = _z_from(confidence, z)
+    B, S, dev = x0.shape[0], tuple(x0.shape[1:]), x0.device
+    full = _stack(conds, null_cond, B, dev)
+    K = full.shape[0] - 1
+    if expr is not None and hasattr(expr, "num_components") and expr.num_components != K:
+        raise ValueError(f"expr uses {expr.num_components} components but {K} conditions were given")
+    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    sums = _Sums(K, B, S[1:] if pixel_map else None, dev, acc)
+    n_evals = 0
+
+    if record is not None:
+        _add_cached(sums, record, x0, schedule, K, pixel_map, backend)
+
+    fresh = torch.zeros(K, B, device=dev)
+
+    def status():
+        """open (K, B): pairs that still need trials."""
+        if not adaptive:
+            return fresh < n_trials
+        mean, se = sums.mean, sums.stderr
+        enough = sums.n >= min_trials
+        pos = enough & (mean - zz * se > 0)
+        neg = enough & (mean + zz * se <= 0)
+        known = pos | neg
+        open_ = ~known & (fresh < n_trials)
+        if expr is not None:
+            done, _ = expr.decide(pos, neg)
+            open_ &= ~done[None, :]
+        return open_
+
+    while True:
+        open_ = status()
+        if not bool(open_.any()):
+            break
+        b_act = open_.any(0).nonzero().squeeze(1)  # (Ba,)
+        n = min(chunk_trials, int((n_trials - fresh[:, b_act][open_[:, b_act]]).max().item())) if not adaptive else chunk_trials
+        if antithetic and n % 2:
+            n += 1
+        Ba = len(b_act)
+        t, w = _draw_t(t_probs, T, n, Ba, stratified, generator)  # (n, Ba)
+        if antithetic:
+            half = torch.randn(n // 2, Ba, *S, generator=generator, dtype=x0.dtype)
+            eps = torch.cat([half, -half])
+            t = torch.cat([t[: n // 2], t[: n // 2]])
+            w = torch.cat([w[: n // 2], w[: n // 2]])
+        else:
+            eps = torch.randn(n, Ba, *S, generator=generator, dtype=x0.dtype)
+        t, w, eps = t.to(dev), w.to(dev), eps.to(dev)
+        xb = x0[b_act]
+        x_t = schedule.add_noise(xb.unsqueeze(0).expand(n, *xb.shape).reshape(n * Ba, *S), eps.reshape(n * Ba, *S),
+                                 t.reshape(-1))
+        sub_open = open_[:, b_act]  # (K, Ba)
+        if bool(sub_open.all()):
+            # Rectangular: every condition of every active sample; zero-copy into lift_partial.
+            cond_rows = full[:, b_act].repeat(1, n, *([1] * (full.dim() - 2)))  # (K+1, n*Ba, *C)
+            preds = evaluate_conditions(model, x_t, t.reshape(-1), cond_rows, chunk_size=chunk_size)
+            n_evals += preds.shape[0] * preds.shape[1]
+            part = lift_partial(eps.reshape(1, n * Ba, *S), preds.unsqueeze(0), weights=w.reshape(1, -1),
+                                pixel_map=pixel_map, backend=backend)
+            d = part.sum_wd.reshape(K, n, Ba)  # w * d per trial
+            kk = torch.arange(K, device=dev)[:, None].expand(K, Ba).reshape(-1)
+            bb = b_act[None, :].expand(K, Ba).reshape(-1)
+            pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(K, n, Ba, *S[1:]).sum(1).reshape(K * Ba, *S[1:])
+            sums.add(kk, bb, float(n), d.sum(1).reshape(-1).to(acc), d.square().sum(1).reshape(-1).to(acc), pix)
+            if _pilot is not None:
+                _pilot.add(t.reshape(-1), (d / w.reshape(1, n, Ba)).square().mean(0).reshape(-1))
+                _pilot.rows = n_evals
+            fresh[:, b_act] += n
+            continue
+        # Packed: the null row of each active sample plus only its open conditions.
+        kp, bp = sub_open.nonzero(as_tuple=True)  # pairs among active samples, local b index
+        P = len(kp)
+        null_rows = full[0, b_act].unsqueeze(0).expand(n, *full[0, b_act].shape).reshape(n * Ba, *full.shape[2:])
+        trial = torch.arange(n, device=dev)[:, None]
+        pair_rows = (trial * Ba + bp[None, :]).reshape(-1)  # (n*P,) rows of x_t for each pair-trial
+        cond_rows = full[kp + 1, b_act[bp]].unsqueeze(0).expand(n, P, *full.shape[2:]).reshape(n * P, *full.shape[2:])
+        xs = torch.cat([x_t, x_t[pair_rows]])
+        ts = torch.cat([t.reshape(-1), t.reshape(-1)[pair_rows]])
+        cs = torch.cat([null_rows, cond_rows])
+        out = evaluate_conditions(model, xs, ts, cs.unsqueeze(0), chunk_size=chunk_size)[0]
+        n_evals += out.shape[0]
+        pred_null, pred_c = out[: n * Ba][pair_rows], out[n * Ba:]
+        noise = eps.reshape(n * Ba, *S)[pair_rows]
+        part = lift_partial(noise.unsqueeze(0), torch.stack([pred_null, pred_c]).unsqueeze(0),
+                            weights=w.reshape(-1)[pair_rows].unsqueeze(0), pixel_map=pixel_map, backend=backend)
+        d = part.sum_wd.reshape(n, P)
+        pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(n, P, *S[1:]).sum(0)
+        sums.add(kp, b_act[bp], float(n), d.sum(0).to(acc), d.square().sum(0).to(acc), pix)
+        fresh[kp, b_act[bp]] += n
+
+    mean, se = sums.mean, sums.stderr
+    pix = None if sums.pix is None else sums.pix / sums.n.clamp_min(1)[..., None, None]
+    accept = decided = None
+    if expr is not None:
+        accept = expr.accept(mean)
+        pos, neg = mean - zz * se > 0, mean + zz * se <= 0
+        decided, _ = expr.decide(pos & (sums.n >= min_trials), neg & (sums.n >= min_trials))
+    return LiftResult(mean, se, sums.n.clone(), n_evals, pix, accept, decided)
+
+
+def _add_cached(sums: _Sums, record: Any, x0: torch.Tensor, schedule: NoiseSchedule, K: int, pixel_map: bool,
+                backend: str) -> None:
+    """Free trials from a sampling record: noise recovered from x_t and the final x0."""
+    if len(record) == 0:
+        raise ValueError("record is empty: sample with ComposedEps(..., record=True) first")
+    B = x0.shape[0]
+    for i, (x_t, t, preds) in enumerate(zip(record.x_t, record.t, record.preds)):
+        if preds.shape[0] != K + 1 or preds.shape[1] != B or tuple(x_t.shape) != tuple(x0.shape):
+            raise ValueError(f"record step {i}: preds {tuple(preds.shape)} / x_t {tuple(x_t.shape)} do not match "
+                             f"K+1 = {K + 1} conditions and x0 {tuple(x0.shape)}; the record must come from the run that made x0")
+    xt = torch.stack(list(record.x_t)).to(x0.device)  # (R, B, *S)
+    ts = torch.stack(list(record.t)).to(x0.device)  # (R, B)
+    preds = torch.stack(list(record.preds)).to(x0.device)  # (R, K+1, B, *S)
+    R = xt.shape[0]
+    flat_t = ts.reshape(-1)
+    x0r = x0.unsqueeze(0).expand(R, *x0.shape).reshape(R * B, *x0.shape[1:])
+    noise = schedule.x0_to_eps(xt.reshape(R * B, *x0.shape[1:]).to(x0.dtype), x0r, flat_t).reshape_as(xt)
+    part = lift_partial(noise, preds.to(noise.dtype), pixel_map=pixel_map, backend=backend)
+    kk = torch.arange(K, device=x0.device)[:, None].expand(K, B).reshape(-1)
+    bb = torch.arange(B, device=x0.device)[None, :].expand(K, B).reshape(-1)
+    acc = sums.n.dtype
+    pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(K * B, *part.sum_wd_pixel.shape[2:]).to(acc)
+    sums.add(kk, bb, float(R), part.sum_wd.to(acc).reshape(-1), part.sum_wd2.to(acc).reshape(-1), pix)

@@ -1,0 +1,217 @@
+"""Composition expressions: ``parse("A AND (B OR C) AND NOT D")``.
+
+Grammar (operators case-insensitive, NOT binds tightest, then AND, then OR):
+
+    expr   := and ("OR" and)*
+    and    := unary ("AND" unary)*
+    unary  := "NOT" unary | "(" expr ")" | [number "*"] name
+    name   := identifier | "quoted text"
+
+Components are numbered by first appearance; that is the order of the K conditions given to
+``estimate_lift`` and of ``.weights()``. Acceptance follows CompLift: a component holds when its
+lift is > 0; AND = all hold (min > 0), OR = any holds (max > 0), NOT = does not hold (<= 0).
+Weights ("0.7*A AND NOT 1.5*D") only shape generation: ``.weights()`` gives the composed-eps
+weights, negative under an odd number of NOTs, divided by m inside an OR of m terms (Composable
+Diffusion has no mixture; the OR itself is enforced by the rejection step).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_TOKEN = re.compile(r"""\s*(?:(?P<num>\d+(?:\.\d*)?|\.\d+)\s*\*|(?P<lp>\()|(?P<rp>\))|"(?P<q>[^"]*)"|(?P<word>[A-Za-z_][A-Za-z0-9_.\-]*)|(?P<bad>\S))""")
+_OPS = {"AND", "OR", "NOT"}
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str  # num, lp, rp, name, op, bad
+    text: str
+    pos: int
+
+
+def _tokenize(s: str) -> list[_Tok]:
+    toks, i = [], 0
+    s = s.rstrip()
+    while i < len(s):
+        m = _TOKEN.match(s, i)
+        if m is None or m.end() == i:
+            break
+        pos = m.start() + (len(m.group(0)) - len(m.group(0).lstrip()))
+        kind = m.lastgroup
+        text = m.group(kind)
+        if kind == "q":
+            if not text.strip():
+                raise ValueError(f"empty component \"\" at position {pos} in {s!r}")
+            kind = "name"
+        elif kind == "word":
+            kind = "op" if text.upper() in _OPS else "name"
+            text = text.upper() if kind == "op" else text
+        elif kind == "bad":
+            raise ValueError(f"unknown operator or character {text!r} at position {pos} in {s!r} "
+                             "(use AND, OR, NOT, parentheses and weights like 0.5*A)")
+        toks.append(_Tok(kind, text, pos))
+        i = m.end()
+    return toks
+
+
+class Expr:
+    """A parsed composition. ``accept(lift (K, B)) -> (B,) bool``; ``weights() -> (K,)``."""
+
+    def __init__(self, node, names: list[str], source: str):
+        self._node, self.names, self.source = node, names, source
+
+    @property
+    def num_components(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"Expr({self.source!r}, components={self.names})"
+
+    def weights(self) -> torch.Tensor:
+        """(K,) composed-eps weights for generation (see the module docstring)."""
+        w = torch.zeros(len(self.names))
+        _weights(self._node, 1.0, w)
+        return w
+
+    def decide(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Three-valued evaluation. pos, neg (K, B) bool: lift surely > 0 / surely <= 0.
+        Returns (known (B,), value (B,)): whether the expression's value is already certain."""
+        self._check(pos, "pos")
+        self._check(neg, "neg")
+        t, f = _eval3(self._node, pos.bool(), neg.bool())
+        return t | f, t
+
+    def accept(self, lift: torch.Tensor) -> torch.Tensor:
+        """lift (K, B) -> (B,) bool: the expression evaluated on the signs of the lifts."""
+        self._check(lift, "lift")
+        if not torch.isfinite(lift).all():
+            raise ValueError("lift holds NaN or inf")
+        pos = lift > 0
+        return _eval3(self._node, pos, ~pos)[0]
+
+    def _check(self, x: torch.Tensor, name: str) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != len(self.names):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must have shape (K, B) with K = {len(self.names)} components {self.names}, got {shape}")
+
+
+def _eval3(node, pos, neg):
+    """(surely true (B,), surely false (B,))."""
+    op = node[0]
+    if op == "atom":
+        return pos[node[1]], neg[node[1]]
+    if op == "not":
+        t, f = _eval3(node[1], pos, neg)
+        return f, t
+    parts = [_eval3(c, pos, neg) for c in node[1]]
+    ts = torch.stack([p[0] for p in parts])
+    fs = torch.stack([p[1] for p in parts])
+    if op == "and":
+        return ts.all(0), fs.any(0)
+    return ts.any(0), fs.all(0)  # or
+
+
+def _weights(node, scale: float, w: torch.Tensor) -> None:
+    op = node[0]
+    if op == "atom":
+        w[node[1]] += scale * node[2]
+    elif op == "not":
+        _weights(node[1], -scale, w)
+    elif op == "and":
+        for c in node[1]:
+            _weights(c, scale, w)
+    else:
+        for c in node[1]:
+            _weights(c, scale / len(node[1]), w)
+
+
+class _Parser:
+    def __init__(self, source: str):
+        self.source = source
+        self.toks = _tokenize(source)
+        self.i = 0
+        self.names: list[str] = []
+
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def where(self) -> str:
+        t = self.peek()
+        return f"at position {t.pos}" if t else "at the end"
+
+    def parse(self):
+        if not self.toks:
+            raise ValueError("empty expression: give at least one component, e.g. 'A AND NOT B'")
+        node = self.expr()
+        t = self.peek()
+        if t is not None:
+            if t.kind == "rp":
+                raise ValueError(f"unbalanced parentheses: ')' at position {t.pos} has no matching '(' in {self.source!r}")
+            if t.kind == "name":
+                raise ValueError(f"unknown operator {t.text!r} at position {t.pos} in {self.source!r} "
+                                 "(components must be joined by AND / OR)")
+            raise ValueError(f"unexpected {t.text!r} at position {t.pos} in {self.source!r}")
+        return node
+
+    def expr(self):
+        kids = [self.and_()]
+        while (t := self.peek()) is not None and t.kind == "op" and t.text == "OR":
+            self.i += 1
+            kids.append(self.and_())
+        return kids[0] if len(kids) == 1 else ("or", kids)
+
+    def and_(self):
+        kids = [self.unary()]
+        while (t := self.peek()) is not None and t.kind == "op" and t.text == "AND":
+            self.i += 1
+            kids.append(self.unary())
+        return kids[0] if len(kids) == 1 else ("and", kids)
+
+    def unary(self):
+        t = self.peek()
+        if t is None:
+            raise ValueError(f"empty component at the end of {self.source!r}: an operator needs an operand")
+        if t.kind == "op" and t.text == "NOT":
+            self.i += 1
+            return ("not", self.unary())
+        if t.kind == "lp":
+            self.i += 1
+            if (u := self.peek()) is not None and u.kind == "rp":
+                raise ValueError(f"empty component '()' at position {t.pos} in {self.source!r}")
+            node = self.expr()
+            u = self.peek()
+            if u is None or u.kind != "rp":
+                raise ValueError(f"unbalanced parentheses: '(' at position {t.pos} is never closed in {self.source!r}")
+            self.i += 1
+            return node
+        weight = 1.0
+        if t.kind == "num":
+            weight = float(t.text)
+            self.i += 1
+            t = self.peek()
+            if t is None or t.kind != "name":
+                raise ValueError(f"empty component: weight {weight:g}* {self.where()} must be followed by a component name "
+                                 f"in {self.source!r}")
+        if t.kind == "name":
+            self.i += 1
+            if t.text not in self.names:
+                self.names.append(t.text)
+            return ("atom", self.names.index(t.text), weight)
+        if t.kind == "rp":
+            raise ValueError(f"empty component before ')' at position {t.pos} in {self.source!r}")
+        raise ValueError(f"empty component: operator {t.text!r} at position {t.pos} needs an operand before it "
+                         f"in {self.source!r}")
+
+
+def parse(source: str) -> Expr:
+    """Parse a composition such as ``"A AND (B OR C) AND NOT D"`` or ``"0.7*A AND NOT 1.5*D"``.
+
+    Raises ValueError for unbalanced parentheses, unknown operators and empty components."""
+    if not isinstance(source, str):
+        raise TypeError(f"source must be a str, got {type(source).__name__}")
+    p = _Parser(source)
+    node = p.parse()
+    return Expr(node, p.names, source)
