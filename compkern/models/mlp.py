@@ -89,7 +89,8 @@ class ConditionalMLP(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x_t (N, dim), t (N,) int64, cond (N,) int64 in [0, num_classes] -> (N, out_dim)."""
         check_eps_inputs(x_t, t, cond, dim=self.dim, num_classes=self.num_classes, num_steps=self.num_steps)
-        emb = nn.functional.silu(self.t_mlp(timestep_embedding(t, self.hidden, self.num_steps)) + self.c_emb(cond.long()))
+        temb = timestep_embedding(t, self.hidden, self.num_steps).to(x_t.dtype)
+        emb = nn.functional.silu(self.t_mlp(temb) + self.c_emb(cond.long()))
         h = self.inp(x_t)
         for blk in self.blocks:
             h = blk(h, emb)

@@ -13,7 +13,8 @@ level the chain (one per batch row) first takes a DDPM step from the previous le
 
 Step sizes: ``step_size`` (a float or (L,) per level) times sigma_t^2 = 1 - abar_t for ULA/MALA
 (eta) and times sigma_t for HMC (h) when ``step_scale="noise"``; as given when "constant".
-After the last level, ``final_denoise`` maps x to the predicted x0 (the last DDIM step).
+After the last level, ``final_denoise`` maps x to the predicted x0 (the last DDIM step);
+``clip_x0`` clamps the predicted x0 in these diffusion steps as in ddim_sample.
 
 ``composition`` is an eps callable ``f(x_t (B, *S), t (B,)) -> eps`` for ULA, and must also have
 ``energy_and_eps(x_t, t) -> (E (B,), eps)`` for MALA and HMC (compkern.samplers.compositions with an
@@ -99,7 +100,7 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
                   num_levels: int = 50, timesteps: torch.Tensor | None = None, steps_per_level: int = 10,
                   step_size: float | torch.Tensor = 0.05, step_scale: str = "noise", leapfrog_steps: int = 3,
                   damping: float = 0.0, diffusion_step: bool = True, final_denoise: bool = True,
-                  generator: torch.Generator | None = None, progress: bool = False) -> MCMCResult:
+                  clip_x0: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> MCMCResult:
     """Annealed ULA / MALA / HMC from x_T (B, *S) (standard normal at the first level) through the
     levels; returns an MCMCResult (samples, per-level acceptance rates, model evaluations)."""
     _check(kind, x_T, schedule, steps_per_level, leapfrog_steps, damping, step_scale, composition)
@@ -146,7 +147,8 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
             t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
             if i > 0 and diffusion_step:
                 t_prev = int(ts[i - 1])
-                x = ddim_step(x, state[1], float(abar[t_prev]), float(abar[t]), eta=1.0, generator=generator)
+                x = ddim_step(x, state[1], float(abar[t_prev]), float(abar[t]), eta=1.0, clip_x0=clip_x0,
+                              generator=generator)
                 state = None
             sigma = float(sig2[i]) ** 0.5
             if state is None:
@@ -191,7 +193,7 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
             if not bool(torch.isfinite(x).all()):
                 raise FloatingPointError(f"annealed {kind}: non-finite samples at level {i} (t={t})")
         if final_denoise:
-            x = ddim_step(x, state[1], float(abar[ts[-1]]), 1.0, eta=0.0)
+            x = ddim_step(x, state[1], float(abar[ts[-1]]), 1.0, eta=0.0, clip_x0=clip_x0)
     if accept is not None:
         accept /= steps_per_level
     evals = getattr(composition, "n_evals", None)
