@@ -14,3 +14,8 @@ __all__ += ["ConditionalMLP", "EnergyEps", "EnergyMLP", "is_energy_model"]
 from compkern.models.position_unet import PositionEnergyUNet, PositionUNet  # noqa: E402
 
 __all__ += ["PositionEnergyUNet", "PositionUNet"]
+
+# Multi-attribute conditioning (issue 8, CoInD): per-attribute null tokens, summed embeddings.
+from compkern.models.attribute_unet import AttributeEmbedding, AttributeMLP, AttributeUNet  # noqa: E402
+
+__all__ += ["AttributeEmbedding", "AttributeMLP", "AttributeUNet"]
