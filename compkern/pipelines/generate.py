@@ -2,6 +2,7 @@
 into a resumable output folder, on one process or under ``torchrun --nproc-per-node N``.
 
     compkern generate --model PATH --prompt "a black car AND a white clock" --n 100 --out DIR
+    torchrun --nproc-per-node 8 -m compkern.cli generate --model PATH --prompt "..." --num-images 100 --out DIR
 
 Work is cut into batches of ``--batch-size`` images; image i has seed ``--seed + i`` and batch j
 holds images [j * batch_size, (j + 1) * batch_size). Each batch is generated (one batched UNet
@@ -39,7 +40,9 @@ _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (SD 1.x, 2.x or XL)")
     p.add_argument("--prompt", required=True, help='expression of component prompts, e.g. "a black car AND a white clock AND NOT a dog"')
-    p.add_argument("--n", type=int, default=100, help="accepted images wanted (global, over all ranks)")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=100,
+                   help="accepted images wanted (global, over all ranks); under torchrun write --num-images "
+                        "(torchrun's own parser takes --n for a prefix of --nnodes / --nproc-per-node)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (each rank)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="model dtype (fp32 on CPU recommended)")

@@ -56,8 +56,8 @@ def save_tiny_pipeline(path: str | os.PathLike, *, sdxl: bool = False, predictio
     """Build a random-weight pipeline with ``sample_size`` x ``sample_size`` latents (images twice
     as large), save it under ``path`` and return the path. ``sdxl`` adds the second text encoder
     and the added (text_embeds, time_ids) conditioning of SDXL."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
@@ -81,19 +81,25 @@ def save_tiny_pipeline(path: str | os.PathLike, *, sdxl: bool = False, predictio
                         latent_channels=4, norm_num_groups=4, sample_size=2 * sample_size, layers_per_block=1)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    parts = {"unet": None, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+             "requires_safety_checker": False}
     if sdxl:
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg, projection_dim=16))
-        tokenizer_2 = _tokenizer(tok_dir)
-        unet = UNet2DConditionModel(**{**unet_cfg, "cross_attention_dim": 32}, addition_embed_type="text_time",
-                                    addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg, projection_dim=16))
+        parts["tokenizer_2"] = _tokenizer(tok_dir)
+        parts["unet"] = UNet2DConditionModel(**{**unet_cfg, "cross_attention_dim": 32}, addition_embed_type="text_time",
+                                             addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
+        index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers.__version__,
+                 "feature_extractor": [None, None], "image_encoder": [None, None], "force_zeros_for_empty_prompt": True}
     else:
-        unet = UNet2DConditionModel(**unet_cfg)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.save_pretrained(path)
+        parts["unet"] = UNet2DConditionModel(**unet_cfg)
+    # the layout of DiffusionPipeline.save_pretrained, without importing the pipeline classes (slow)
+    for name, part in parts.items():
+        part.save_pretrained(path / name)
+        lib = "transformers" if name.startswith(("text_encoder", "tokenizer")) else "diffusers"
+        index[name] = [lib, type(part).__name__]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()

@@ -1,0 +1,245 @@
+"""The Stable Diffusion front end on tiny random-weight pipelines built from configs, saved with
+save_pretrained and loaded back (offline): batched composed eps vs per-prompt diffusers calls,
+recorded predictions, lift maps and the object rule, `compkern generate` with resume, and the
+torchrun path with 2 gloo processes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compkern.ops import combine_eps
+from compkern.pipelines import CompositionPipeline, LiftMaps, accept, cached_lift_maps, parse_composition
+from compkern.pipelines import generate as gen
+from compkern.pipelines.lift_maps import overlay, save_overlays
+from compkern.pipelines.tiny import save_tiny_pipeline
+
+PROMPT = "a black car AND a white clock AND NOT a dog"
+# Settings under which the tiny SD model accepts some images and rejects others (see
+# test_generate_accepts_and_rejects): object rule with threshold 0 and 23 of 64 latent pixels.
+GEN = ["--prompt", "a black car AND NOT a dog", "--steps", "3", "--batch-size", "4", "--dtype", "fp32",
+       "--device", "cpu", "--threshold", "0", "--min-pixels", "23", "--threads", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (10x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd") / "sd")
+
+
+@pytest.fixture(scope="module")
+def sdxl_path(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl", sdxl=True)
+
+
+@pytest.fixture(scope="module")
+def sd(sd_path):
+    return CompositionPipeline.from_pretrained(sd_path)
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_path):
+    return CompositionPipeline.from_pretrained(sdxl_path)
+
+
+def _reference_conditions(path: Path, sdxl: bool, comp) -> list[dict]:
+    """UNet kwargs of [null, *components], each encoded on its own by diffusers' own pipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if not sdxl:
+        ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+        pos, neg = ref.encode_prompt(comp.components[0], "cpu", 1, True, negative_prompt="")
+        out = [{"encoder_hidden_states": neg}, {"encoder_hidden_states": pos}]
+        for c in comp.components[1:]:
+            out.append({"encoder_hidden_states": ref.encode_prompt(c, "cpu", 1, False)[0]})
+        return out
+    ref = StableDiffusionXLPipeline.from_pretrained(path)
+    size = ref.unet.config.sample_size * ref.vae_scale_factor
+    tid = ref._get_add_time_ids((size, size), (0, 0), (size, size), torch.float32,
+                                text_encoder_projection_dim=ref.text_encoder_2.config.projection_dim)
+    out = []
+    for i, c in enumerate(comp.components):
+        pe, ne, pp, npool = ref.encode_prompt(c, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+        if i == 0:  # force_zeros_for_empty_prompt: the null row is all zeros
+            out.append({"encoder_hidden_states": ne, "added_cond_kwargs": {"text_embeds": npool, "time_ids": tid}})
+        out.append({"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pp, "time_ids": tid}})
+    return out
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_composed_eps_equals_per_prompt_calls(which, request):
+    pipe = request.getfixturevalue(which)
+    path = request.getfixturevalue(f"{which}_path")
+    comp, emb = pipe.prepare(PROMPT)
+    B = 3
+    x = torch.randn(B, 4, 8, 8)
+    t = torch.tensor([999, 500, 3])
+    preds = pipe.predict(x, t, emb)  # one batched call of (K+1) x B rows
+    chunked = pipe.predict(x, t, emb, chunk_size=5)  # odd chunks cut across conditions
+    assert preds.shape == (comp.K + 1, B, 4, 8, 8)
+    torch.testing.assert_close(chunked, preds, atol=1e-6, rtol=1e-5)
+    ref = _reference_conditions(path, which == "sdxl", comp)
+    direct = torch.stack([torch.cat([pipe.unet(x[b:b + 1], t[b:b + 1], **kw).sample for b in range(B)]) for kw in ref])
+    torch.testing.assert_close(preds, direct, atol=2e-5, rtol=1e-4)
+    w = comp.weights(7.5)
+    assert w.tolist() == [7.5, 7.5, -7.5]
+    want = direct[0] + sum(w[k] * (direct[k + 1] - direct[0]) for k in range(comp.K))
+    torch.testing.assert_close(combine_eps(preds, w), want, atol=1e-4, rtol=1e-4)
+
+
+def test_prompts_encoded_once_and_records_equal_separate_calls(sd):
+    sd.encode(["", "a black car", "a white clock", "a dog"])
+    before = sd.n_encodes
+    out = sd(PROMPT, seeds=[5, 6], num_inference_steps=4, output_type="pt")
+    out2 = sd(PROMPT, seeds=[5, 6], num_inference_steps=4, output_type="latent", chunk_size=3)
+    assert sd.n_encodes == before  # cached: neither call ran the text encoder
+    assert out.images.shape == (2, 3, 16, 16) and 0 <= float(out.images.min()) and float(out.images.max()) <= 1
+    assert out.n_evals == 4 * 4 * 2 and len(out.record) == 4
+    torch.testing.assert_close(out2.latents, out.latents, atol=2e-4, rtol=1e-3)  # chunking: numerics only
+    emb = sd.encode(["", *out.composition.components])
+    for x_t, t, preds in zip(out.record.x_t, out.record.t, out.record.preds):
+        assert preds.device == x_t.device
+        torch.testing.assert_close(preds, sd.predict(x_t, t, emb), atol=1e-6, rtol=1e-5)
+    # seeds fix each image regardless of its batch
+    single = sd(PROMPT, seeds=[6], num_inference_steps=4, output_type="latent")
+    torch.testing.assert_close(single.latents[0], out.latents[1], atol=2e-4, rtol=1e-3)
+
+
+def test_v_prediction_outputs_are_converted_to_eps(tmp_path):
+    pipe = CompositionPipeline.from_pretrained(save_tiny_pipeline(tmp_path / "v", prediction_type="v_prediction"))
+    assert pipe.prediction_type == "v_prediction"
+    comp, emb = pipe.prepare("a cat AND a dog")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    preds = pipe.predict(x, t, emb)
+    v = pipe.unet(x, t, encoder_hidden_states=emb.states[1:2].expand(2, -1, -1)).sample
+    torch.testing.assert_close(preds[1], pipe.schedule.v_to_eps(x, v, t), atol=1e-5, rtol=1e-5)
+
+
+def test_expression_parsing_and_errors():
+    c = parse_composition("(a red cube OR a blue ball) AND NOT 0.5*a dog and a cat")
+    assert c.components == ("a red cube", "a blue ball", "a dog and a cat")
+    assert c.signs == (0.5, 0.5, -0.5)
+    for bad in ["", "a cat AND", "(a cat", '"a cat']:
+        with pytest.raises(ValueError):
+            parse_composition(bad)
+
+
+def test_cached_lift_maps_match_the_definition(sd):
+    out = sd(PROMPT, seeds=[1, 2], num_inference_steps=5, output_type="latent")
+    signs = torch.tensor(out.composition.signs)
+    maps = cached_lift_maps(out.record, signs)
+    assert maps.n_evals == 0 and maps.n_trials == 5 and maps.pixel_lift.shape == (3, 2, 8, 8)
+    P = torch.stack(out.record.preds).double()  # (T, K+1, B, C, h, w)
+    target = P[:, 0] + (signs.double()[None, :, None, None, None, None] * (P[:, 1:] - P[:, :1])).sum(1)
+    d = (target[:, None] - P[:, :1]).square() - (target[:, None] - P[:, 1:]).square()
+    torch.testing.assert_close(maps.pixel_lift.double(), d.mean(dim=(0, 3)), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(maps.lift.double(), d.mean(dim=(0, 3, 4, 5)), atol=1e-6, rtol=1e-4)
+    noise = cached_lift_maps(out.record, signs, target="noise", latents=out.latents, schedule=sd.schedule)
+    assert noise.pixel_lift.shape == maps.pixel_lift.shape and not torch.allclose(noise.pixel_lift, maps.pixel_lift)
+    with pytest.raises(ValueError, match="signs"):
+        cached_lift_maps(out.record, torch.ones(2))
+    with pytest.raises(ValueError, match="target"):
+        cached_lift_maps(out.record, signs, target="x")
+
+
+def test_object_rule_counts_pixels_against_the_threshold():
+    comp = parse_composition("a car AND NOT a dog")
+    pix = torch.full((2, 3, 4, 4), -1.0)
+    pix[0, 0, :2] = 1.0  # car: 8 of 16 pixels positive in image 0
+    pix[0, 1, :1] = 1.0  # car: 4 pixels in image 1
+    pix[0, 2, :3] = 1.0  # car: 12 pixels in image 2 ...
+    pix[1, 2, :2] = 1.0  # ... but the dog shows in 8 pixels there
+    maps = LiftMaps(pix, 10, 0)
+    assert maps.counts(0.5).tolist() == [[8, 4, 12], [0, 0, 8]]
+    assert accept(comp, maps, threshold=0.5, min_pixels=8).tolist() == [True, False, False]
+    assert accept(comp, maps, threshold=0.5, min_pixels=0.25).tolist() == [True, True, False]  # 4 of 16 pixels
+    assert accept(comp, maps, threshold=2.0, min_pixels=1).tolist() == [False, False, False]
+    # mean rule: car lifts (0, -0.5, 0.5), dog lifts (-1, -1, 0): only image 2 has car > 0 and dog <= 0
+    assert accept(comp, maps, rule="mean").tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="rule"):
+        accept(comp, maps, rule="max")
+    with pytest.raises(ValueError, match="min_pixels"):
+        maps.scores(0.0, -1)
+
+
+def test_overlays(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (16, 16), (0, 128, 0))
+    lift = torch.zeros(4, 4)
+    lift[0, 0], lift[3, 3] = 1.0, -1.0
+    ov = overlay(img, lift)
+    a = torch.from_numpy(__import__("numpy").asarray(ov).astype("float32"))
+    assert ov.size == (16, 16) and a[0, 0, 0] > a[0, 0, 2] and a[15, 15, 2] > a[15, 15, 0]  # red +, blue -
+    files = save_overlays([img, img], LiftMaps(torch.randn(2, 2, 4, 4), 1, 0), tmp_path, ["a", "b"])
+    assert files == [["a_lift0.png", "a_lift1.png"], ["b_lift0.png", "b_lift1.png"]]
+    assert all((tmp_path / f).exists() for row in files for f in row)
+    with pytest.raises(ValueError, match="pixel_lift"):
+        overlay(img, torch.zeros(1, 4, 4))
+
+
+def _run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    gen.add_arguments(p)
+    return gen.run(p.parse_args(argv))
+
+
+def test_generate_accepts_and_rejects_then_resumes(sd_path, tmp_path):
+    out = tmp_path / "run"
+    assert _run(["--model", str(sd_path), "--out", str(out), "--n", "3", *GEN]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["n_accepted"] == 3 and m["complete"] and 0 < m["acceptance_rate"] < 1
+    assert m["components"] == ["a black car", "a dog"] and m["unet_rows"] == m["attempted"] * 3 * 3
+    for r in m["accepted"]:
+        assert (out / r["image"]).exists() and len(r["maps"]) == 2 and all((out / f).exists() for f in r["maps"])
+        assert r["pixels_above"][0] >= 23 and r["pixels_above"][1] < 23
+    shards = sorted((out / "shards").glob("batch-*.pt"))
+    stamps = {f.name: f.stat().st_mtime_ns for f in shards}
+    # an interrupted run: the last batch never committed
+    shards[-1].unlink()
+    (out / "manifest.json").unlink()
+    assert _run(["--model", str(sd_path), "--out", str(out), "--n", "3", *GEN]) == 0
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert [r["index"] for r in m2["accepted"]] == [r["index"] for r in m["accepted"]]
+    assert all(f.stat().st_mtime_ns == stamps[f.name] for f in shards[:-1])  # committed batches were skipped
+    # raising the target continues from there
+    assert _run(["--model", str(sd_path), "--out", str(out), "--n", "5", *GEN]) == 0
+    m3 = json.loads((out / "manifest.json").read_text())
+    assert m3["n_accepted"] == 5 and [r["index"] for r in m3["accepted"][:3]] == [r["index"] for r in m["accepted"]]
+    with pytest.raises(ValueError, match="other settings"):
+        _run(["--model", str(sd_path), "--out", str(out), "--n", "5", *GEN[:-2], "--steps", "4"])
+
+
+def test_torchrun_two_gloo_processes_share_one_global_target(sd_path, tmp_path):
+    serial, dist_out = tmp_path / "serial", tmp_path / "dist"
+    assert _run(["--model", str(sd_path), "--out", str(serial), "--n", "3", *GEN]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "compkern.cli", "generate", "--model", str(sd_path), "--out", str(dist_out), "--num-images", "3", *GEN]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((dist_out / "manifest.json").read_text())
+    s = json.loads((serial / "manifest.json").read_text())
+    assert m["config"]["world_size"] == 2 and m["n_accepted"] == 3
+    # the same first-n accepted images as one process, whoever generated them
+    assert [r["index"] for r in m["accepted"]] == [r["index"] for r in s["accepted"]]
+    ranks = {torch.load(f, weights_only=False)["rank"] for f in (dist_out / "shards").glob("batch-*.pt")}
+    assert ranks == {0, 1}
+    # the target is global: the ranks stop in the round that reaches it
+    assert m["batches"] <= s["batches"] + 1
