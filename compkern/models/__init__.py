@@ -19,3 +19,8 @@ __all__ += ["PositionEnergyUNet", "PositionUNet"]
 from compkern.models.attribute_unet import AttributeEmbedding, AttributeMLP, AttributeUNet  # noqa: E402
 
 __all__ += ["AttributeEmbedding", "AttributeMLP", "AttributeUNet"]
+
+# Stable Diffusion UNet adapter and SD 1.x folder loading (issue 9, SepEn); diffusers is imported lazily.
+from compkern.models.unet import SDComponents, UNetEps  # noqa: E402
+
+__all__ += ["SDComponents", "UNetEps"]

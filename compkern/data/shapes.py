@@ -1,0 +1,330 @@
+"""A procedural text-to-image world: 16x16 scenes of colored shapes with captions.
+
+Nine objects (``COLORS`` x ``SHAPES``: red/green/blue x square/cross/ring) drawn on a black
+canvas at random positions and sizes, captioned "a red square" or "a red square and a blue ring".
+The training mix (``ShapesWorld.sample_batch``) is mostly single objects; two-object scenes come
+only from the *seen* pairs, and rarely (``pair_fraction``), so that a model trained on it tends to
+drop the second object of a held-out pair (the failure Separate-and-Enhance targets: a missing
+object, "catastrophic neglect") rather than to swap attributes.
+
+Text side: a word-level tokenizer (``build_tokenizer``) and a frozen, randomly initialised
+``CLIPTextModel`` with zero transformer layers (``build_text_encoder``): its output is
+LayerNorm(word embedding + position embedding), a fixed per-word code with positions and no
+mixing between words. Both save and load like Stable Diffusion's ``tokenizer/`` and
+``text_encoder/`` folders.
+
+Images are (B, 3, 16, 16) in [-1, 1], channel order RGB.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+COLORS: dict[str, tuple[float, float, float]] = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0),
+                                                  "blue": (-1.0, -1.0, 1.0)}
+SHAPES: tuple[str, ...] = ("square", "cross", "ring")
+OBJECTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)  # 9 objects, id = index
+IMAGE_SIZE = 16
+MAX_OBJECTS = 3
+WORDS = ("a", "and") + tuple(COLORS) + SHAPES
+SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
+MAX_LENGTH = 12
+
+
+def object_name(obj: int) -> str:
+    c, s = OBJECTS[obj]
+    return f"{c} {s}"
+
+
+def caption(objs: tuple[int, ...] | list[int]) -> str:
+    """(obj ids) -> "a red square and a blue ring"; () -> "" (the unconditional caption)."""
+    return " and ".join(f"a {object_name(o)}" for o in objs)
+
+
+def distinct_pairs() -> list[tuple[int, int]]:
+    """Unordered pairs (i < j) of objects that differ in both color and shape (18 pairs)."""
+    return [(i, j) for i, j in itertools.combinations(range(len(OBJECTS)), 2)
+            if OBJECTS[i][0] != OBJECTS[j][0] and OBJECTS[i][1] != OBJECTS[j][1]]
+
+
+def split_pairs(n_held_out: int = 6, seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(seen, held_out) unordered pairs; every object keeps at least two seen partners."""
+    pairs = distinct_pairs()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(1000):
+        perm = torch.randperm(len(pairs), generator=g).tolist()
+        held = sorted(pairs[i] for i in perm[:n_held_out])
+        seen = sorted(pairs[i] for i in perm[n_held_out:])
+        counts = [sum(o in p for p in seen) for o in range(len(OBJECTS))]
+        if min(counts) >= 2:
+            return seen, held
+    raise RuntimeError("could not split the pairs")
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+def render(objs: torch.Tensor, pos: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """objs (B, M) int64 object ids (-1: none), pos (B, M, 2) int64 top-left (y, x), size (B, M)
+    int64 side length -> images (B, 3, 16, 16) in [-1, 1]; later objects are drawn on top."""
+    B, M = objs.shape
+    H = IMAGE_SIZE
+    yy = torch.arange(H, dtype=torch.float32).view(1, 1, H, 1)
+    xx = torch.arange(H, dtype=torch.float32).view(1, 1, 1, H)
+    s = size.float().view(B, M, 1, 1)
+    cy = pos[..., 0].float().view(B, M, 1, 1) + (s - 1) / 2
+    cx = pos[..., 1].float().view(B, M, 1, 1) + (s - 1) / 2
+    dy, dx = (yy - cy).abs(), (xx - cx).abs()
+    R = s / 2
+    inside = torch.maximum(dx, dy) <= R - 0.5
+    r = torch.sqrt(dx ** 2 + dy ** 2)
+    masks = torch.stack([inside,                                                    # square
+                         inside & ((dx <= 1) | (dy <= 1)),                          # cross
+                         (r >= R - 1.25) & (r <= R - 0.05)], 0)                     # ring
+    shape_id = (objs.clamp(min=0) % len(SHAPES))
+    mask = masks.gather(0, shape_id.view(1, B, M, 1, 1).expand(1, B, M, H, H))[0] & (objs >= 0).view(B, M, 1, 1)
+    palette = torch.tensor(list(COLORS.values()))                                   # (3 colors, 3 channels)
+    rgb = palette[objs.clamp(min=0) // len(SHAPES)]                                 # (B, M, 3)
+    img = torch.full((B, 3, H, H), -1.0)
+    for m in range(M):
+        mk = mask[:, m].unsqueeze(1)
+        img = torch.where(mk, rgb[:, m].view(B, 3, 1, 1), img)
+    return img
+
+
+def random_layout(n: torch.Tensor, generator: torch.Generator | None = None, *, sizes: tuple[int, int] = (6, 7),
+                  max_objects: int = MAX_OBJECTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """n (B,) objects per image -> pos (B, M, 2), size (B, M): random sizes in [sizes[0], sizes[1]],
+    positions that keep every pair of boxes apart (rejection, retried per image)."""
+    B, M = len(n), max_objects
+    size = torch.randint(sizes[0], sizes[1] + 1, (B, M), generator=generator)
+    pos = torch.zeros(B, M, 2, dtype=torch.long)
+    todo = torch.arange(B)
+    for _ in range(1000):  # joint rejection over all boxes of the images still to place
+        if len(todo) == 0:
+            break
+        hi = (IMAGE_SIZE - size[todo] + 1).unsqueeze(-1).float()
+        pos[todo] = (torch.rand(len(todo), M, 2, generator=generator) * hi).long()
+        ok = torch.ones(len(todo), dtype=torch.bool)
+        for a, b in itertools.combinations(range(M), 2):  # boxes [p, p + s) must not overlap on both axes
+            a0, a1 = pos[todo, a], pos[todo, a] + size[todo, a].unsqueeze(1)
+            b0, b1 = pos[todo, b], pos[todo, b] + size[todo, b].unsqueeze(1)
+            used = n[todo] > b
+            ok &= ~(((a0 < b1) & (b0 < a1)).all(1) & used)
+        todo = todo[~ok]
+    if len(todo):
+        raise RuntimeError("random_layout: no free position found")
+    return pos, size
+
+
+# -- the world ----------------------------------------------------------------------------------
+
+@dataclass
+class ShapesWorld:
+    """The training distribution and the prompt sets.
+
+    ``sample_batch`` draws (images, object lists): with probability ``pair_fraction`` a seen pair
+    (in random order), else a single object; captions come from ``caption(objs)``; caption
+    dropout is the trainer's business."""
+
+    pair_fraction: float = 0.1
+    n_held_out: int = 6
+    split_seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.pair_fraction <= 1:
+            raise ValueError(f"pair_fraction must lie in [0, 1], got {self.pair_fraction}")
+        self.seen_pairs, self.held_out_pairs = split_pairs(self.n_held_out, self.split_seed)
+
+    # prompt sets (ordered object tuples)
+    def singles(self) -> list[tuple[int, ...]]:
+        return [(o,) for o in range(len(OBJECTS))]
+
+    def seen_prompts(self) -> list[tuple[int, ...]]:
+        return [p for a, b in self.seen_pairs for p in ((a, b), (b, a))]
+
+    def held_out_prompts(self) -> list[tuple[int, ...]]:
+        return [p for a, b in self.held_out_pairs for p in ((a, b), (b, a))]
+
+    def all_captions(self) -> list[str]:
+        """Every caption the world can produce, the empty one first."""
+        return [""] + [caption(p) for p in self.singles() + self.seen_prompts() + self.held_out_prompts()]
+
+    def sample_batch(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+        """-> images (B, 3, 16, 16), object tuples (the caption of row b is caption(objs[b]))."""
+        is_pair = torch.rand(batch, generator=generator) < self.pair_fraction
+        objs = torch.full((batch, 2), -1, dtype=torch.long)
+        single = torch.randint(0, len(OBJECTS), (batch,), generator=generator)
+        pair_idx = torch.randint(0, len(self.seen_pairs), (batch,), generator=generator)
+        flip = torch.rand(batch, generator=generator) < 0.5
+        seen = torch.tensor(self.seen_pairs)[pair_idx]
+        seen = torch.where(flip.unsqueeze(1), seen.flip(1), seen)
+        objs[:, 0] = torch.where(is_pair, seen[:, 0], single)
+        objs[:, 1] = torch.where(is_pair, seen[:, 1], torch.full_like(single, -1))
+        pos, size = random_layout(1 + is_pair.long(), generator, max_objects=2)
+        images = render(objs, pos, size)
+        tuples = [tuple(int(o) for o in row if o >= 0) for row in objs]
+        return images, tuples
+
+
+def random_scenes(batch: int, generator: torch.Generator | None = None, *, max_objects: int = MAX_OBJECTS
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detector training data: 0..max_objects arbitrary objects (repeats allowed) ->
+    images (B, 3, 16, 16), present (B, 9) float multi-hot, count (B,) int64."""
+    n = torch.randint(0, max_objects + 1, (batch,), generator=generator)
+    objs = torch.randint(0, len(OBJECTS), (batch, max_objects), generator=generator)
+    objs = torch.where(torch.arange(max_objects).unsqueeze(0) < n.unsqueeze(1), objs, torch.full_like(objs, -1))
+    pos, size = random_layout(n, generator, max_objects=max_objects)
+    images = render(objs, pos, size)
+    present = torch.zeros(batch, len(OBJECTS))
+    for m in range(max_objects):
+        ok = objs[:, m] >= 0
+        present[ok, objs[ok, m]] = 1.0
+    return images, present, n
+
+
+# -- text side ----------------------------------------------------------------------------------
+
+def build_tokenizer(max_length: int = MAX_LENGTH):
+    """A word-level ``PreTrainedTokenizerFast`` over ``WORDS`` (lower-cased, whitespace split),
+    with <bos>/<eos> added and padding to ``max_length``; unknown words map to <unk>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[
+        ("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=max_length)
+
+
+def build_text_encoder(tokenizer, hidden_size: int = 64, seed: int = 0):
+    """A frozen ``CLIPTextModel`` with no transformer layers: last_hidden_state (B, L, hidden_size)
+    = LayerNorm(token embedding + position embedding), random with ``seed``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size,
+                         num_hidden_layers=0, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        enc = CLIPTextModel(cfg)
+        with torch.no_grad():  # unit-scale codes so the LayerNorm output is not dominated by positions
+            emb = getattr(enc, "text_model", enc).embeddings  # transformers 4.x nests it under text_model
+            emb.token_embedding.weight.normal_(0, 1.0)
+            emb.position_embedding.weight.normal_(0, 0.5)
+    enc.requires_grad_(False).eval()
+    return enc
+
+
+@torch.no_grad()
+def encode_prompts(prompts: list[str], tokenizer, text_encoder) -> torch.Tensor:
+    """prompts -> encoder states (B, L, D), padded to the tokenizer's model_max_length."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+
+
+# -- the detector -------------------------------------------------------------------------------
+
+class ShapeDetector(torch.nn.Module):
+    """A small CNN with BatchNorm: images (B, 3, 16, 16) in [-1, 1] -> (presence logits (B, 9),
+    count logits (B, MAX_OBJECTS + 1)). Trained on ``random_scenes`` renders (with pixel noise and
+    blur so that imperfect generated samples stay in distribution)."""
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        c = width
+        block = lambda i, o: [torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]  # noqa: E731
+        self.features = torch.nn.Sequential(*block(3, c), *block(c, c), torch.nn.MaxPool2d(2),
+                                            *block(c, 2 * c), *block(2 * c, 2 * c), torch.nn.MaxPool2d(2),
+                                            *block(2 * c, 2 * c), torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten())
+        self.presence = torch.nn.Linear(2 * c, len(OBJECTS))
+        self.count = torch.nn.Linear(2 * c, MAX_OBJECTS + 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dim() != 4 or images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"images must be (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
+        h = self.features(images)
+        return self.presence(h), self.count(h)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Detector augmentation: random per-image pixel noise (std up to 0.3), slight color scaling,
+    and a light blur on half the images."""
+    B = images.shape[0]
+    std = torch.rand(B, 1, 1, 1, generator=generator) * 0.3
+    scale = 0.8 + 0.4 * torch.rand(B, 3, 1, 1, generator=generator)
+    x = (images + 1) * scale - 1 + std * torch.randn(images.shape, generator=generator)
+    k = torch.tensor([0.25, 0.5, 0.25])
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"),
+                                      (k[:, None] * k[None, :]).expand(3, 1, 3, 3), groups=3)
+    use = torch.rand(B, 1, 1, 1, generator=generator) < 0.5
+    return torch.where(use, blur, x).clamp(-1.5, 1.5)
+
+
+def train_detector(steps: int = 1200, batch: int = 64, seed: int = 0, lr: float = 2e-3, progress: bool = True
+                   ) -> tuple[ShapeDetector, dict[str, float]]:
+    """Trains a ``ShapeDetector`` on fresh procedural renders; returns it (eval mode) and its
+    held-out accuracy {"presence_acc": per-image all-9-labels-right rate, "count_acc": ...}."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    det = ShapeDetector()
+    opt = torch.optim.AdamW(det.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    det.train()
+    for _ in tqdm(range(steps), desc="detector", disable=not progress):
+        x, present, n = random_scenes(batch, g)
+        pl, cl = det(augment(x, g))
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(pl, present)
+                + torch.nn.functional.cross_entropy(cl, n))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    det.eval()
+    gv = torch.Generator().manual_seed(seed + 12345)
+    with torch.no_grad():
+        x, present, n = random_scenes(2000, gv)
+        pl, cl = det(augment(x, gv))
+    return det, {"presence_acc": float(((pl.sigmoid() > 0.5).float() == present).all(1).float().mean()),
+                 "count_acc": float((cl.argmax(1) == n).float().mean())}
+
+
+OUTCOMES = ("success", "missing", "swapped_or_duplicated")
+
+
+@torch.no_grad()
+def score_samples(detector: ShapeDetector, images: torch.Tensor, prompts: list[tuple[int, ...]],
+                  threshold: float = 0.7) -> dict[str, torch.Tensor]:
+    """images (B, 3, 16, 16), prompts (B object tuples) -> per-sample outcome masks (B,) bool:
+
+    - success: every prompt object detected with confidence > threshold (the paper's criterion);
+    - missing: not a success and the detector counts fewer objects than the prompt names (an
+      object was dropped: "catastrophic neglect");
+    - swapped_or_duplicated: not a success although enough objects are present (attributes
+      swapped or leaked, or an object drawn twice).
+    Also returns ``confidence`` (B, max objects per prompt) and ``count`` (B,)."""
+    if images.shape[0] != len(prompts):
+        raise ValueError(f"images ({images.shape[0]}) and prompts ({len(prompts)}) must have the same length")
+    detector.eval()
+    pl, cl = detector(images.clamp(-1, 1).float())
+    prob = pl.sigmoid()
+    count = cl.argmax(1)
+    K = max(len(p) for p in prompts)
+    conf = torch.ones(len(prompts), K)
+    need = torch.zeros(len(prompts), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        need[i] = len(p)
+        conf[i, :len(p)] = prob[i, list(p)]
+    success = (conf > threshold).all(1)
+    missing = ~success & (count < need)
+    return {"success": success, "missing": missing, "swapped_or_duplicated": ~success & ~missing,
+            "confidence": conf, "count": count}
