@@ -1,0 +1,103 @@
+"""Composition expressions: parsing, acceptance truth tables, generation weights, errors."""
+import itertools
+
+import pytest
+import torch
+
+from compkern.lift import parse
+
+
+def _all_signs(k: int) -> torch.Tensor:
+    """(K, 2^K) lifts: every combination of +1 / -1."""
+    return torch.tensor(list(itertools.product([1.0, -1.0], repeat=k))).t()
+
+
+@pytest.mark.parametrize("source, truth", [
+    ("A AND B", lambda a, b: a and b),
+    ("A OR B", lambda a, b: a or b),
+    ("A AND NOT B", lambda a, b: a and not b),
+    ("NOT A OR B", lambda a, b: (not a) or b),
+    ("NOT (A OR B)", lambda a, b: not (a or b)),
+    ("NOT NOT A AND B", lambda a, b: a and b),
+])
+def test_truth_tables_two(source, truth):
+    e = parse(source)
+    assert e.names == ["A", "B"]
+    lift = _all_signs(2)
+    got = e.accept(lift).tolist()
+    want = [truth(bool(a > 0), bool(b > 0)) for a, b in lift.t().tolist()]
+    assert got == want
+
+
+def test_truth_table_precedence_four():
+    e = parse("A AND (B OR C) AND NOT D")
+    assert e.names == ["A", "B", "C", "D"]
+    lift = _all_signs(4)
+    want = [a > 0 and (b > 0 or c > 0) and not d > 0 for a, b, c, d in lift.t().tolist()]
+    assert e.accept(lift).tolist() == want
+    # without parentheses AND binds tighter than OR
+    e2 = parse("A AND B OR C AND NOT D")
+    want2 = [(a > 0 and b > 0) or (c > 0 and not d > 0) for a, b, c, d in lift.t().tolist()]
+    assert e2.accept(lift).tolist() == want2
+
+
+def test_thresholds_min_max_and_zero():
+    lift = torch.tensor([[0.5, 0.0, -0.1, 2.0], [0.1, 3.0, 1.0, 0.0]])
+    assert parse("A AND B").accept(lift).tolist() == (lift.min(0).values > 0).tolist()
+    assert parse("A OR B").accept(lift).tolist() == (lift.max(0).values > 0).tolist()
+    assert parse("NOT A").accept(lift[:1]).tolist() == (lift[0] <= 0).tolist()  # NOT: <= 0
+
+
+def test_weights_in_string_and_signs():
+    e = parse("0.7*A AND NOT 1.5*D")
+    assert e.names == ["A", "D"]
+    torch.testing.assert_close(e.weights(), torch.tensor([0.7, -1.5]))
+    torch.testing.assert_close(parse("A AND (B OR C) AND NOT D").weights(), torch.tensor([1.0, 0.5, 0.5, -1.0]))
+    # a repeated component is one condition; quoted names hold spaces
+    e = parse('"a red car" and not "a dog" and "a red car"')
+    assert e.names == ["a red car", "a dog"]
+    torch.testing.assert_close(e.weights(), torch.tensor([2.0, -1.0]))
+    # weights never change acceptance
+    lift = _all_signs(2)
+    assert parse("0.1*A AND NOT 9*B").accept(lift).tolist() == parse("A AND NOT B").accept(lift).tolist()
+
+
+def test_decide_three_valued():
+    e = parse("A AND NOT B")
+    pos = torch.tensor([[True, False, False, True], [False, False, True, False]])
+    neg = torch.tensor([[False, True, False, False], [True, False, False, False]])
+    known, value = e.decide(pos, neg)
+    # sample 0: A surely >0, B surely <=0 -> known True; 1: A surely <=0 -> known False;
+    # 2: B surely >0 -> known False; 3: B open -> unknown
+    assert known.tolist() == [True, True, True, False]
+    assert value[known].tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("source, match", [
+    ("A AND (B OR C", "unbalanced parentheses"),
+    ("A AND B)", "unbalanced parentheses"),
+    ("((A)", "unbalanced parentheses"),
+    ("A XOR B", "unknown operator 'XOR'"),
+    ("A & B", "unknown operator"),
+    ("A B", "unknown operator"),
+    ("", "empty expression"),
+    ("   ", "empty expression"),
+    ("A AND", "empty component"),
+    ("A AND ()", "empty component"),
+    ("0.7* AND B", "empty component"),
+    ("A OR OR B", "empty component"),
+    ('"" AND A', "empty component"),
+])
+def test_errors(source, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        parse(source)
+
+
+def test_bad_lift_shape_and_type():
+    e = parse("A AND B")
+    with pytest.raises(ValueError, match=r"\(K, B\) with K = 2"):
+        e.accept(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        e.accept(torch.tensor([[float("nan")], [1.0]]))
+    with pytest.raises(TypeError):
+        parse(None)
