@@ -137,6 +137,50 @@ def fresh_lift_maps(pipe, latents: torch.Tensor, embeddings, *, n_trials: int = 
     return LiftMaps(pix, int(res.n_trials.max()), int(res.n_evals))
 
 
+def evenly_spaced_trials(num_steps: int, n_trials: int, shape: tuple[int, ...], *, seed: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public CompLift text-to-image trials: t (n_trials,) int64 evenly spaced over the
+    training steps (descending, as the scheduler lists them), noise (n_trials, *shape) from one
+    fixed bank shared by every image."""
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    idx = torch.linspace(0, num_steps - 1, n_trials).round().long().clamp(0, num_steps - 1)
+    t = (num_steps - 1) - idx
+    noise = torch.randn(n_trials, *shape, generator=torch.Generator().manual_seed(int(seed)))
+    return t, noise
+
+
+@torch.no_grad()
+def fixed_lift_maps(pipe, latents: torch.Tensor, embeddings, signs: torch.Tensor, *, n_trials: int = 200,
+                    seed: int = 0, target: str = "composed", chunk_trials: int = 25,
+                    chunk_size: int | None = None) -> LiftMaps:
+    """The public text-to-image estimator, batched: ``n_trials`` evenly spaced t with a fixed noise
+    bank (``evenly_spaced_trials``), the composed prediction (or the noise) as target. Each
+    chunk of trials is one batched call of (K+1) x chunk_trials x B rows (``chunk_size`` caps
+    the rows per UNet call); nothing leaves the device."""
+    if target not in ("composed", "noise"):
+        raise ValueError(f"target must be 'composed' or 'noise', got {target!r}")
+    B, S = latents.shape[0], tuple(latents.shape[1:])
+    signs = torch.as_tensor(signs, dtype=torch.float32).flatten()
+    ts, bank = evenly_spaced_trials(pipe.schedule.num_steps, n_trials, S, seed=seed)
+    total, rows = None, 0
+    for s in range(0, n_trials, chunk_trials):
+        n = min(chunk_trials, n_trials - s)
+        noise = bank[s:s + n].to(latents.device)[:, None].expand(n, B, *S)
+        t = ts[s:s + n].to(latents.device)[:, None].expand(n, B).reshape(-1)
+        x_t = pipe.schedule.add_noise(latents.float()[None].expand(n, B, *S).reshape(n * B, *S),
+                                      noise.reshape(n * B, *S), t)
+        preds = pipe.predict(x_t, t, embeddings, chunk_size=chunk_size)  # (K+1, n*B, *S)
+        rows += preds.shape[0] * preds.shape[1]
+        preds = preds.reshape(preds.shape[0], n, B, *S).transpose(0, 1)  # (n, K+1, B, *S)
+        tgt = torch.stack([composed_target(p, signs) for p in preds]) if target == "composed" else noise
+        part = lift_partial(tgt.to(preds.dtype), preds, pixel_map=True)
+        total = part if total is None else total + part
+    pix = total.pixel_mean.float() / S[0]
+    _check_finite("pixel lift", pix)
+    return LiftMaps(pix, n_trials, rows)
+
+
 def accept(composition, maps: LiftMaps, *, threshold: float = DEFAULT_THRESHOLD,
            min_pixels: float = DEFAULT_MIN_PIXELS, rule: str = "pixels") -> torch.Tensor:
     """(B,) bool. rule='pixels': the object rule (count of pixels above threshold vs min_pixels);
