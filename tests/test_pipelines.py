@@ -156,6 +156,28 @@ def test_cached_lift_maps_match_the_definition(sd):
         cached_lift_maps(out.record, signs, target="x")
 
 
+def test_fixed_and_fresh_trials(sd):
+    from compkern.pipelines.lift_maps import evenly_spaced_trials, fixed_lift_maps, fresh_lift_maps
+
+    comp, emb = sd.prepare("a black car AND NOT a dog")
+    x0 = torch.randn(2, 4, 8, 8)
+    signs = torch.tensor(comp.signs)
+    maps = fixed_lift_maps(sd, x0, emb, signs, n_trials=5, chunk_trials=2)  # uneven chunks
+    assert maps.n_evals == 5 * 3 * 2 and maps.n_trials == 5
+    ts, bank = evenly_spaced_trials(sd.schedule.num_steps, 5, (4, 8, 8))
+    assert ts.tolist() == [999, 749, 499, 250, 0]
+    ref = torch.zeros(2, 2, 8, 8, dtype=torch.float64)
+    for i in range(5):  # one trial at a time, the public way
+        t = ts[i].expand(2)
+        p = sd.predict(sd.schedule.add_noise(x0, bank[i].expand(2, 4, 8, 8), t), t, emb).double()
+        tgt = p[0] + (signs.double()[:, None, None, None, None] * (p[1:] - p[:1])).sum(0)
+        ref += ((tgt - p[0]).square() - (tgt - p[1:]).square()).mean(2) / 5
+    torch.testing.assert_close(maps.pixel_lift.double(), ref, atol=1e-6, rtol=1e-4)
+    fresh = fresh_lift_maps(sd, x0, emb, n_trials=4)
+    assert fresh.n_evals == 4 * 3 * 2 and fresh.pixel_lift.shape == (2, 2, 8, 8)
+    assert torch.isfinite(fresh.pixel_lift).all()
+
+
 def test_object_rule_counts_pixels_against_the_threshold():
     comp = parse_composition("a car AND NOT a dog")
     pix = torch.full((2, 3, 4, 4), -1.0)
