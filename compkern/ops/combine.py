@@ -29,11 +29,24 @@ def _torch(preds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return reference.combine_eps(preds, weights)
 
 
-IMPLS = {"torch": _torch}
+def _cpp(preds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return _dispatch.cpp_module().combine_eps(preds, weights)
+
+
+def _triton(preds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    from compkern.kernels.triton import combine as triton_combine
+
+    return triton_combine.combine_eps(preds, weights)
+
+
+IMPLS = {"torch": _torch, "cpp": _cpp, "triton": _triton}
 
 
 def combine_eps(preds: torch.Tensor, weights: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """preds (K+1, B, *S), weights (K,) or (B, K) -> (B, *S) in the dtype of preds (fp32 accumulation)."""
+    """preds (K+1, B, *S), weights (K,) or (B, K) -> (B, *S) in the dtype of preds (fp32 accumulation).
+
+    backend: "auto" (triton on CUDA, cpp on CPU), "torch", "cpp" or "triton". NaN/inf in preds or
+    weights propagate into the output (a weight of 0 does not hide a NaN prediction)."""
     _check(preds, weights)
     impl = _dispatch.resolve("combine_eps", backend, preds.device, IMPLS)
     return impl(preds, weights)

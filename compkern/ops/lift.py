@@ -64,6 +64,10 @@ class LiftPartial:
 def _check(noise, preds, weights, pixel_map) -> torch.Tensor:
     check_tensor("noise", noise, ndim_min=2, expected="(T, B, *S)")
     check_tensor("preds", preds, ndim_min=3, expected="(T, K+1, B, *S)")
+    if weights is not None:
+        check_tensor("weights", weights, expected="(T,) or (T, B)")
+    if not isinstance(pixel_map, bool):
+        raise TypeError(f"pixel_map must be a bool, got {type(pixel_map).__name__}")
     check_same_device(noise=noise, preds=preds, weights=weights)
     T, B, S = noise.shape[0], noise.shape[1], tuple(noise.shape[2:])
     if preds.dim() != noise.dim() + 1 or preds.shape[0] != T or preds.shape[2] != B or tuple(preds.shape[3:]) != S:
@@ -77,7 +81,6 @@ def _check(noise, preds, weights, pixel_map) -> torch.Tensor:
         raise ValueError(f"pixel_map=True needs an image layout S = (C, H, W), got S = {S}")
     if weights is None:
         return torch.ones(T, B, dtype=torch.float32, device=noise.device)
-    check_tensor("weights", weights, expected="(T,) or (T, B)")
     if tuple(weights.shape) == (T,):
         weights = weights[:, None].expand(T, B)
     elif tuple(weights.shape) != (T, B):
@@ -89,7 +92,26 @@ def _torch(noise, preds, weights, pixel_map):
     return reference.lift_partial(noise, preds, weights, pixel_map)
 
 
-IMPLS = {"torch": _torch}
+def _common_dtype(noise, preds):
+    """The kernels read one dtype: promote the narrower of noise/preds (exact, like the reference)."""
+    dtype = torch.promote_types(noise.dtype, preds.dtype)
+    return noise.to(dtype), preds.to(dtype)
+
+
+def _cpp(noise, preds, weights, pixel_map):
+    noise, preds = _common_dtype(noise, preds)
+    sum_wd, sum_wd2, pixel = _dispatch.cpp_module().lift_partial(noise, preds, weights, pixel_map)
+    return sum_wd, sum_wd2, pixel
+
+
+def _triton(noise, preds, weights, pixel_map):
+    from compkern.kernels.triton import lift as triton_lift
+
+    noise, preds = _common_dtype(noise, preds)
+    return triton_lift.lift_partial(noise, preds, weights, pixel_map)
+
+
+IMPLS = {"torch": _torch, "cpp": _cpp, "triton": _triton}
 
 
 def lift_partial(noise: torch.Tensor, preds: torch.Tensor, *, weights: torch.Tensor | None = None,
