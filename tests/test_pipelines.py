@@ -246,6 +246,18 @@ def test_generate_accepts_and_rejects_then_resumes(sd_path, tmp_path):
         _run(["--model", str(sd_path), "--out", str(out), "--n", "5", *GEN[:-2], "--steps", "4"])
 
 
+def test_generate_with_fresh_adaptive_trials(sd_path, tmp_path):
+    out = tmp_path / "fresh"
+    args = [a for a in GEN if a not in ("--threshold", "0", "--min-pixels", "23")]
+    assert _run(["--model", str(sd_path), "--out", str(out), "--n", "2", "--max-attempts", "4", "--lift", "fresh",
+                 "--rule", "mean", "--trials", "8", "--save-rejected", *args]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["attempted"] == 4 and m["unet_rows"] > 4 * 3 * 3  # generation rows plus the fresh trials
+    recs = [torch.load(f, weights_only=False)["records"] for f in (out / "shards").glob("*.pt")][0]
+    assert all(r["image"] is not None for r in recs)  # --save-rejected keeps every image
+    assert all((r["accepted"]) == (r["lift"][0] > 0 and r["lift"][1] <= 0) for r in recs)
+
+
 def test_torchrun_two_gloo_processes_share_one_global_target(sd_path, tmp_path):
     serial, dist_out = tmp_path / "serial", tmp_path / "dist"
     assert _run(["--model", str(sd_path), "--out", str(serial), "--n", "3", *GEN]) == 0

@@ -90,6 +90,8 @@ class _Dist:
         self.device = device
         self.dist = dist if self.world > 1 else None
         if self.dist is not None and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
     def sum(self, values: list[float]) -> list[float]:
