@@ -51,6 +51,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--save-every", type=int, default=100)
     tr.add_argument("--no-progress", action="store_true")
 
+    samp = argparse.ArgumentParser(add_help=False)
+    samp.add_argument("--base", choices=["null", "background"], default="background",
+                      help="base condition of the composition (background: projective composition)")
+    samp.add_argument("--scale", type=float, default=1.0, help="weight of every object condition")
+    samp.add_argument("--steps", type=int, default=50, help="reverse-diffusion steps / annealing levels")
+    samp.add_argument("--eta", type=float, default=1.0, help="reverse diffusion: 1 ancestral (DDPM), 0 DDIM")
+    samp.add_argument("--mcmc-steps", type=int, default=2, help="MCMC steps per level")
+    samp.add_argument("--step-size", type=float, default=None, help="MCMC step size (default per kind)")
+    samp.add_argument("--leapfrog", type=int, default=3)
+
+    sa = sub.add_parser("sample", parents=[common, samp], help="compose n objects at random positions, save a PNG")
+    sa.add_argument("run")
+    sa.add_argument("--objects", type=int, default=3)
+    sa.add_argument("--method", choices=list(METHODS), default="reverse")
+    sa.add_argument("--n", type=int, default=8)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--png", default="positions_samples.png")
+
+    ev = sub.add_parser("eval", parents=[common, samp], help="accuracy vs number of objects per method (resumable)")
+    ev.add_argument("--eps-run", default=None, help="eps-model run: reverse diffusion (+ ULA with --eps-mcmc)")
+    ev.add_argument("--energy-run", default=None, help="energy-model run: reverse diffusion, ULA, MALA, HMC")
+    ev.add_argument("--lift-run", default=None, help="model that estimates lifts for CompLift (default: --eps-run)")
+    ev.add_argument("--methods", nargs="+", default=None,
+                    help="cells as MODEL:METHOD:BASE, e.g. eps:reverse:null energy:hmc:background (default: all)")
+    ev.add_argument("--objects", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    ev.add_argument("--n", type=int, default=32, help="samples per cell")
+    ev.add_argument("--lift-trials", type=int, default=32, help="CompLift fixed trials per sample")
+    ev.add_argument("--lift-max-trials", type=int, default=64, help="CompLift adaptive: most trials per pair")
+    ev.add_argument("--no-lift", action="store_true")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threshold", type=float, default=0.1, help="detection distance threshold (normalized)")
+    ev.add_argument("--out", default="runs/positions/eval.json")
+    ev.add_argument("--png", default=None, help="grid of samples per method (e.g. docs/positions.png)")
+    ev.add_argument("--table", action="store_true", help="only print the table of an existing --out")
+
 
 # -- training -------------------------------------------------------------------------------------
 def schedule() -> NoiseSchedule:
@@ -114,7 +149,241 @@ def _train(args) -> int:
     return 0
 
 
+# -- composition and sampling ---------------------------------------------------------------------
+METHODS = {"reverse": "reverse diffusion", "ula": "annealed ULA", "mala": "annealed MALA", "hmc": "annealed HMC"}
+DEFAULT_STEP = {"ula": 0.05, "mala": 0.05, "hmc": 0.1}
+
+
+def composition_conds(positions: torch.Tensor, base: str) -> torch.Tensor:
+    """positions (B, n, 2) -> condition-major (n + 1, B, 3): the base row (null or background),
+    then one object row per position."""
+    if base not in ("null", "background"):
+        raise ValueError(f"base must be 'null' or 'background', got {base!r}")
+    positions = torch.as_tensor(positions, dtype=torch.float32)
+    if positions.dim() != 3 or positions.shape[-1] != 2:
+        raise ValueError(f"positions must have shape (B, n, 2), got {tuple(positions.shape)}")
+    B = positions.shape[0]
+    b = (null_cond() if base == "null" else background_cond()).expand(1, B, 3)
+    return torch.cat([b, position_cond(positions).transpose(0, 1)])
+
+
+def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", base: str = "background",
+                   scale: float = 1.0, steps: int = 50, eta: float = 1.0, mcmc_steps: int = 2,
+                   step_size: float | None = None, leapfrog: int = 3, size: int = 24,
+                   generator: torch.Generator | None = None) -> dict:
+    """Sample B scenes, scene b with objects at positions[b] (B, n, 2), by composing the
+    one-object model. Returns {"x": (B, 3, size, size), "n_evals": model rows, "accept": mean
+    Metropolis acceptance or None}. n = 0 samples the base condition alone."""
+    from compkern.samplers import ComposedEps, annealed_mcmc, ddim_sample
+    from compkern.samplers.compositions import LinearComposition
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    conds = composition_conds(positions, base)
+    B, n = positions.shape[0], positions.shape[1]
+    sch = schedule()
+    x_T = torch.randn(B, 3, size, size, generator=generator)
+    with torch.no_grad():
+        if method == "reverse":
+            fn = ComposedEps(model, conds, torch.full((n,), float(scale)))
+            x = ddim_sample(fn, x_T, sch, num_steps=steps, eta=eta, generator=generator)
+            return {"x": x, "n_evals": fn.n_evals, "accept": None}
+        comp = LinearComposition(model, conds, [1.0 - n * scale] + [float(scale)] * n)
+        res = annealed_mcmc(comp, x_T, sch, kind=method, num_levels=steps, steps_per_level=mcmc_steps,
+                            step_size=DEFAULT_STEP[method] if step_size is None else step_size,
+                            leapfrog_steps=leapfrog, generator=generator)
+        return {"x": res.x, "n_evals": res.n_evals, "accept": res.mean_accept}
+
+
+def complift_accept(lift_model, x: torch.Tensor, positions: torch.Tensor, *, adaptive: bool, n_trials: int,
+                    generator: torch.Generator | None = None) -> dict:
+    """CompLift's rejection: keep a scene when the lift of every requested object against the
+    null is > 0 (fixed: ``n_trials`` trials each; adaptive: stop per sample once the AND is
+    certain at z = 2, at most ``n_trials`` per object). Returns {"accept": (B,) bool, "n_evals"}."""
+    from compkern.lift import estimate_lift, parse
+
+    n = positions.shape[1]
+    if n == 0:
+        return {"accept": torch.ones(x.shape[0], dtype=torch.bool), "n_evals": 0}
+    conds = position_cond(positions).transpose(0, 1).contiguous()  # (n, B, 3)
+    expr = parse(" AND ".join(f"o{i}" for i in range(n)))
+    res = estimate_lift(lift_model, x, conds, null_cond(), schedule(), n_trials=n_trials, adaptive=adaptive,
+                        expr=expr if adaptive else None, z=2.0, min_trials=4, chunk_trials=4 if adaptive else 8,
+                        generator=generator)
+    return {"accept": expr.accept(res.lift), "n_evals": int(res.n_evals)}
+
+
+def _parse_cell(spec: str) -> tuple[str, str, str]:
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in ("eps", "energy") or parts[1] not in METHODS or parts[2] not in ("null", "background"):
+        raise ValueError(f"cells are MODEL:METHOD:BASE with MODEL eps|energy, METHOD {'|'.join(METHODS)}, "
+                         f"BASE null|background; got {spec!r}")
+    if parts[0] == "eps" and parts[1] in ("mala", "hmc"):
+        raise ValueError(f"{spec!r}: MALA and HMC need energies; use the energy model")
+    return parts[0], parts[1], parts[2]
+
+
+DEFAULT_CELLS = ["eps:reverse:null", "eps:reverse:background", "energy:reverse:null", "energy:reverse:background",
+                 "energy:ula:background", "energy:mala:background", "energy:hmc:background"]
+
+
+def _cell_positions(n_objects: int, N: int, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    g = torch.Generator().manual_seed(seed * 1000 + n_objects)
+    return sample_positions(N, n_objects, generator=g), g
+
+
+def _eval(args) -> int:
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if args.table:
+        print(format_table(results))
+        return 0
+    runs = {"eps": args.eps_run, "energy": args.energy_run}
+    cells = [_parse_cell(c) for c in (args.methods or [c for c in DEFAULT_CELLS if runs[c.split(":")[0]]])]
+    models, size = {}, None
+    for kind, path in runs.items():
+        if path and any(c[0] == kind for c in cells):
+            models[kind], cfg = load_run(path)
+            size = cfg["size"]
+    missing = {c[0] for c in cells} - set(models)
+    if missing:
+        raise ValueError(f"cells need the {sorted(missing)} model run(s): pass --eps-run / --energy-run")
+    lift_path = args.lift_run or args.eps_run
+    lift_model = None if args.no_lift or not lift_path else load_run(lift_path)[0]
+    sample_dir = out.parent / (out.stem + "_samples")
+    for kind, method, base in cells:
+        for n in args.objects:
+            key = f"{kind}:{method}:{base}:{n}"
+            if key in results:
+                continue
+            positions, g = _cell_positions(n, args.n, args.seed)
+            t0 = time.time()
+            r = compose_sample(models[kind], positions, method=method, base=base, scale=args.scale, steps=args.steps,
+                               eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size,
+                               leapfrog=args.leapfrog, size=size, generator=g)
+            correct = position_accuracy(r["x"], positions, threshold=args.threshold)
+            row = {"model": kind, "method": method, "base": base, "objects": n, "samples": args.n,
+                   "accuracy": float(correct.float().mean()), "evals_per_sample": r["n_evals"] / args.n,
+                   "mh_accept": r["accept"], "seconds": round(time.time() - t0, 1), "scale": args.scale,
+                   "steps": args.steps, "mcmc_steps": args.mcmc_steps,
+                   "step_size": None if method == "reverse" else (args.step_size or DEFAULT_STEP[method])}
+            if lift_model is not None:
+                for mode, adaptive, trials in (("fixed", False, args.lift_trials), ("adaptive", True, args.lift_max_trials)):
+                    lr = complift_accept(lift_model, r["x"], positions, adaptive=adaptive, n_trials=trials,
+                                         generator=torch.Generator().manual_seed(args.seed + 7))
+                    acc = lr["accept"]
+                    k = int(acc.sum())
+                    row[f"lift_{mode}"] = {
+                        "trials": trials, "accepted": k, "accept_rate": k / args.n,
+                        "accuracy": float(correct[acc].float().mean()) if k else None,
+                        "lift_evals_per_sample": lr["n_evals"] / args.n,
+                        "evals_per_accepted": (r["n_evals"] + lr["n_evals"]) / k if k else None}
+            row["seconds_total"] = round(time.time() - t0, 1)
+            results[key] = row
+            atomic_write_json(results, out)
+            sample_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"x": r["x"][:8].clone(), "positions": positions[:8].clone(), "correct": correct[:8].clone()},
+                       sample_dir / f"{key.replace(':', '_')}.pt")
+            print(f"{key}: acc {row['accuracy']:.3f} ({row['seconds_total']:.0f} s)", flush=True)
+    print(format_table(results))
+    if args.png:
+        save_grid(load_grid_rows(sample_dir, [f"{k}:{m}:{b}" for k, m, b in cells], args.objects), args.png)
+    return 0
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: one row per (model, method, base) and variant, one column per object count."""
+    cells = sorted({(r["model"], r["method"], r["base"]) for r in results.values()},
+                   key=lambda c: (c[0] != "eps", list(METHODS).index(c[1]), c[2]))
+    ns = sorted({r["objects"] for r in results.values()})
+    head = "| model | sampler | base | variant | " + " | ".join(f"{n} obj" for n in ns) + " | evals / accepted sample (max n) |"
+    lines = [head, "|" + "---|" * (5 + len(ns))]
+    for c in cells:
+        rows = {r["objects"]: r for r in results.values() if (r["model"], r["method"], r["base"]) == c}
+        for variant in ("plain", "lift_fixed", "lift_adaptive"):
+            vals, ev = [], ""
+            for n in ns:
+                r = rows.get(n)
+                if r is None or (variant != "plain" and variant not in r):
+                    vals.append("-")
+                    continue
+                if variant == "plain":
+                    vals.append(f"{100 * r['accuracy']:.1f}")
+                    ev = f"{r['evals_per_sample']:.0f}"
+                else:
+                    v = r[variant]
+                    vals.append("none kept" if v["accuracy"] is None else f"{100 * v['accuracy']:.1f} ({100 * v['accept_rate']:.0f}% kept)")
+                    ev = "-" if v["evals_per_accepted"] is None else f"{v['evals_per_accepted']:.0f}"
+            if all(v == "-" for v in vals):
+                continue
+            name = {"plain": "-", "lift_fixed": "+ CompLift fixed", "lift_adaptive": "+ CompLift adaptive"}[variant]
+            lines.append(f"| {c[0]} | {METHODS[c[1]]} | {c[2]} | {name} | " + " | ".join(vals) + f" | {ev} |")
+    return "\n".join(lines)
+
+
+def load_grid_rows(sample_dir: str | Path, cells: list[str], objects: list[int]) -> list[tuple[str, dict]]:
+    """[(cell, {n: {"x", "positions", "correct"}})] from an eval's sample folder."""
+    rows = []
+    for cell in cells:
+        per_n = {}
+        for n in objects:
+            f = Path(sample_dir) / f"{cell.replace(':', '_')}_{n}.pt"
+            if f.exists():
+                per_n[n] = load(f)
+        rows.append((cell, per_n))
+    return rows
+
+
+def save_grid(rows: list[tuple[str, dict]], png: str | Path, per_cell: int = 2) -> None:
+    """rows [(label, {n: {"x" (B, 3, H, W), "positions" (B, n, 2), "correct" (B,)}})]: one panel
+    row per label, ``per_cell`` samples for each object count, requested positions marked (green
+    cross: scene correct, red: not)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objects = sorted({n for _, per_n in rows for n in per_n})
+    fig, axes = plt.subplots(len(rows), max(1, len(objects) * per_cell),
+                             figsize=(1.1 * len(objects) * per_cell, 1.25 * len(rows)), squeeze=False)
+    for i, (label, per_n) in enumerate(rows):
+        for j, n in enumerate(objects):
+            d = per_n.get(n)
+            for s in range(per_cell):
+                ax = axes[i, j * per_cell + s]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if d is None or s >= len(d["x"]):
+                    continue
+                img = ((d["x"][s].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+                ax.imshow(img, extent=(0, 1, 1, 0), interpolation="nearest")
+                p = d["positions"][s]
+                ax.scatter(p[:, 0], p[:, 1], s=14, marker="+", c="lime" if bool(d["correct"][s]) else "red", linewidths=1)
+                if i == 0 and s == 0:
+                    ax.set_title(f"{n} obj", fontsize=7)
+        axes[i, 0].set_ylabel(label.replace(":", "\n"), fontsize=6)
+    fig.tight_layout(pad=0.2)
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _sample(args) -> int:
+    model, cfg = load_run(args.run)
+    g = torch.Generator().manual_seed(args.seed)
+    positions = sample_positions(args.n, args.objects, generator=g)
+    r = compose_sample(model, positions, method=args.method, base=args.base, scale=args.scale, steps=args.steps,
+                       eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size, leapfrog=args.leapfrog,
+                       size=cfg["size"], generator=g)
+    correct = position_accuracy(r["x"], positions)
+    save_grid([(f"{args.method}:{args.base}", {args.objects: {"x": r["x"], "positions": positions, "correct": correct}})],
+              args.png, per_cell=args.n)
+    print(f"{args.method} {args.base} {args.objects} objects: accuracy {float(correct.float().mean()):.3f} over {args.n}, "
+          f"{r['n_evals'] / args.n:.0f} model rows per sample, MH accept {r['accept']}; wrote {args.png}")
+    return 0
+
+
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return {"train": _train}[args.action](args)
+    return {"train": _train, "sample": _sample, "eval": _eval}[args.action](args)

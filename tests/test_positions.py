@@ -1,0 +1,202 @@
+"""Multi-object positions: renderer/detector agreement, the position UNet, every sampling path."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from compkern.data.clevr import (BACKGROUND, NULL, OBJECT, background_cond, detect_objects, null_cond, position_accuracy,
+                                 position_cond, render_scenes, sample_positions, training_batch)
+from compkern.experiments import positions as P
+from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, build_position_model, position_map
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions: one intra-op thread is fastest, and far faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- renderer and detector ------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 3, 5])
+def test_detector_agrees_with_renderer(n):
+    g = torch.Generator().manual_seed(n)
+    pos = sample_positions(40, n, generator=g)
+    x = render_scenes(pos, size=24, generator=g)
+    assert x.shape == (40, 3, 24, 24) and float(x.min()) >= -1 and float(x.max()) <= 1
+    det = detect_objects(x)
+    counts = torch.tensor([len(c) for c in det.centers])
+    assert float((counts == n).float().mean()) >= 0.97
+    assert float(position_accuracy(x, pos, detection=det).float().mean()) >= 0.97
+    if n:  # centroids close to the truth, not just within the threshold
+        d = [min(float(torch.tensor(c - p.numpy()[None]).norm(dim=1).min()) for p in [q]) for c, pp in zip(det.centers, pos)
+             if len(c) for q in pp]
+        assert sum(d) / len(d) < 0.03
+
+
+def test_detector_rejects_wrong_scenes():
+    g = torch.Generator().manual_seed(0)
+    pos = sample_positions(16, 3, generator=g)
+    x = render_scenes(pos, size=24, generator=g)
+    shifted = (pos + torch.tensor([0.2, 0.0])).clamp(0, 1)
+    assert not position_accuracy(x, shifted).any()
+    empty = render_scenes(pos, size=24, valid=torch.zeros(16, 3, dtype=torch.bool), generator=g)
+    assert not position_accuracy(empty, pos).any()
+    assert all(len(c) == 0 for c in detect_objects(empty).centers)
+    # one object cannot stand for two requested positions (one-to-one matching)
+    one = render_scenes(pos[:, :1], size=24, generator=g)
+    assert not position_accuracy(one, pos[:, :1].repeat(1, 2, 1)).any()
+    assert position_accuracy(one, pos[:, :1]).all()
+    # extra objects do not hurt: the requested ones are present
+    assert float(position_accuracy(x, pos[:, :2]).float().mean()) >= 0.9
+
+
+def test_positions_are_separated_and_conditions():
+    pos = sample_positions(8, 5, generator=torch.Generator().manual_seed(1))
+    assert pos.shape == (8, 5, 2)
+    assert all(float(torch.pdist(p).min()) >= 0.3 for p in pos)
+    x, c = training_batch(64, size=16, p_empty=0.5, generator=torch.Generator().manual_seed(2))
+    assert x.shape == (64, 3, 16, 16) and c.shape == (64, 3)
+    assert set(c[:, 2].tolist()) == {float(OBJECT), float(BACKGROUND)}
+    assert position_cond(torch.tensor([0.2, 0.3])).tolist() == pytest.approx([0.2, 0.3, OBJECT])
+    assert background_cond()[2] == BACKGROUND and null_cond()[2] == NULL
+    with pytest.raises(ValueError, match="xy"):
+        position_cond(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="positions"):
+        render_scenes(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="images"):
+        detect_objects(torch.zeros(2, 1, 8, 8))
+
+
+# -- the model ------------------------------------------------------------------------------------
+def test_position_unet_shapes_and_errors():
+    torch.manual_seed(0)
+    m = PositionUNet(channels=(8, 16))
+    for p in m.parameters():  # break the zero init so the output depends on the condition
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 500, 999])
+    c = torch.stack([position_cond(torch.tensor([0.3, 0.6])), background_cond(), null_cond()])
+    out = m(x, t, c)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    moved = m(x, t, c + torch.tensor([0.2, 0.0, 0.0]))
+    assert not torch.allclose(out[0], moved[0]) and torch.allclose(out[1:], moved[1:])
+    bump = position_map(c, 16, 16)
+    assert bump[1:].abs().max() == 0 and bump[0].flatten().argmax() == 9 * 16 + 4
+    with pytest.raises(ValueError, match="cond"):
+        m(x, t, c[:2])
+    with pytest.raises(ValueError, match="mode"):
+        m(x, t, c + torch.tensor([0.0, 0.0, 5.0]))
+    with pytest.raises(ValueError, match="x_t"):
+        m(torch.randn(3, 1, 16, 16), t, c)
+    same = build_position_model(m.config, P.schedule())
+    assert isinstance(same, PositionUNet) and same.config == m.config
+
+
+def test_energy_unet_eps_is_gradient():
+    sch = P.schedule()
+    torch.manual_seed(0)
+    m = PositionEnergyUNet(sch, channels=(8, 16))
+    for p in m.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([100, 700])
+    c = torch.stack([position_cond(torch.tensor([0.3, 0.6])), background_cond()])
+    E, eps = m.energy_and_eps(x, t, c)
+    assert E.shape == (2,)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m.energy(xr, t, c).sum(), xr)
+    sigma = (1 - sch.alphas_cumprod[t]).sqrt().view(2, 1, 1, 1)
+    torch.testing.assert_close(eps, (sigma * g).float(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(eps, x)  # not the untrained identity
+    assert build_position_model(m.config, sch).config == m.config
+
+
+# -- sampling paths on tiny untrained models -----------------------------------------------------------
+def _perturbed(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_composition_conds_layout():
+    pos = torch.rand(4, 3, 2)
+    c = P.composition_conds(pos, "background")
+    assert c.shape == (4, 4, 3)
+    assert torch.equal(c[0], background_cond().expand(4, 3))
+    assert torch.equal(c[2, :, :2], pos[:, 1]) and (c[1:, :, 2] == OBJECT).all()
+    assert torch.equal(P.composition_conds(pos, "null")[0], null_cond().expand(4, 3))
+    with pytest.raises(ValueError, match="base"):
+        P.composition_conds(pos, "empty")
+
+
+@pytest.mark.parametrize("method,energy", [("reverse", False), ("ula", False), ("reverse", True), ("ula", True),
+                                           ("mala", True), ("hmc", True)])
+def test_every_sampler_runs(method, energy):
+    sch = P.schedule()
+    model = _perturbed(PositionEnergyUNet(sch, channels=(8, 16)) if energy else PositionUNet(channels=(8, 16)))
+    B, n, steps = 2, 2, 3
+    pos = sample_positions(B, n, generator=torch.Generator().manual_seed(0))
+    r = P.compose_sample(model, pos, method=method, base="background", steps=steps, mcmc_steps=1, leapfrog=2,
+                         size=8, generator=torch.Generator().manual_seed(1))
+    assert r["x"].shape == (B, 3, 8, 8) and torch.isfinite(r["x"]).all()
+    rows = (n + 1) * B
+    expect = {"reverse": steps * rows, "ula": steps * 2 * rows, "mala": steps * 2 * rows, "hmc": steps * 3 * rows}[method]
+    assert r["n_evals"] == expect
+    assert (r["accept"] is None) == (method in ("reverse", "ula"))
+    if method in ("mala", "hmc"):
+        assert 0 <= r["accept"] <= 1
+
+
+def test_mala_needs_energy():
+    pos = torch.rand(1, 1, 2)
+    with pytest.raises(ValueError, match="energ"):
+        P.compose_sample(PositionUNet(channels=(8, 16)), pos, method="mala", steps=2, size=8)
+
+
+def test_complift_fixed_and_adaptive():
+    model = _perturbed(PositionUNet(channels=(8, 16)))
+    pos = sample_positions(3, 2, generator=torch.Generator().manual_seed(0))
+    x = render_scenes(pos, size=8, generator=torch.Generator().manual_seed(0))
+    fixed = P.complift_accept(model, x, pos, adaptive=False, n_trials=4, generator=torch.Generator().manual_seed(0))
+    assert fixed["accept"].shape == (3,) and fixed["accept"].dtype == torch.bool
+    assert fixed["n_evals"] == 4 * 3 * 3  # trials x (null + 2 objects) x samples
+    ad = P.complift_accept(model, x, pos, adaptive=True, n_trials=8, generator=torch.Generator().manual_seed(0))
+    assert ad["accept"].shape == (3,) and 0 < ad["n_evals"] <= 8 * 3 * 3
+
+
+def test_train_resume_and_eval_cli(tmp_path):
+    kw = dict(channels=(8, 16))
+    run = tmp_path / "eps"
+    hist = P.train_position_model(PositionUNet(**kw), run, size=8, steps=2, batch_size=4, save_every=1, progress=False)
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    model, cfg = P.load_run(run)
+    again = PositionUNet(**kw)
+    P.train_position_model(again, run, size=8, steps=2, batch_size=4, save_every=1, progress=False)  # finished: loads
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    out = tmp_path / "eval.json"
+    parser = argparse.ArgumentParser()
+    P.add_arguments(parser)
+    argv = ["eval", "--eps-run", str(run), "--methods", "eps:reverse:background", "eps:ula:null", "--objects", "1", "2",
+            "--n", "2", "--steps", "2", "--mcmc-steps", "1", "--lift-trials", "2", "--lift-max-trials", "4",
+            "--out", str(out), "--png", str(tmp_path / "grid.png")]
+    assert P.run(parser.parse_args(argv)) == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"eps:reverse:background:1", "eps:reverse:background:2", "eps:ula:null:1", "eps:ula:null:2"}
+    row = res["eps:reverse:background:2"]
+    assert row["evals_per_sample"] == 2 * 3 and 0 <= row["accuracy"] <= 1
+    assert row["lift_fixed"]["lift_evals_per_sample"] == 2 * 3
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    stamp = out.read_text()
+    assert P.run(parser.parse_args(argv)) == 0  # resumes: nothing recomputed
+    assert out.read_text() == stamp
+    assert "reverse diffusion" in P.format_table(res)
+    with pytest.raises(ValueError, match="MODEL:METHOD:BASE"):
+        P._parse_cell("eps:foo:null")
+    with pytest.raises(ValueError, match="energies"):
+        P._parse_cell("eps:hmc:null")
