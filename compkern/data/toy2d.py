@@ -335,3 +335,27 @@ def hdr_fraction(target, samples: torch.Tensor, threshold: float) -> float:
     _check_points(samples, "samples")
     ld = target.log_density(samples.double())
     return float(((ld >= threshold) & torch.isfinite(samples).all(1)).double().mean())
+
+
+# -- added for CompLift's 2-D tasks (issue 7) ----------------------------------------------------
+class Circle(Distribution2D):
+    """A thin circle: angle uniform, radius ``radius + std * N(0, 1)`` around ``center``. Exact
+    density N(rho; radius, std^2) / (2 pi rho), rho = |x - center| (the mass of rho < 0, about
+    Phi(-radius / std), is negligible for thin circles)."""
+
+    def __init__(self, center=(0.0, 0.0), radius: float = 1.0, std: float = 0.02, name: str = "circle"):
+        self.center = torch.as_tensor(center, dtype=torch.float64).reshape(2)
+        if radius <= 0 or std <= 0:
+            raise ValueError(f"radius and std must be positive, got {radius}, {std}")
+        self.radius, self.std, self.name = float(radius), float(std), name
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        th = torch.rand(n, generator=generator, dtype=torch.float64) * (2 * math.pi)
+        rho = self.radius + self.std * torch.randn(n, generator=generator, dtype=torch.float64)
+        return (self.center + rho[:, None] * torch.stack([th.cos(), th.sin()], 1)).float()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        _check_points(x)
+        rho = (x.double() - self.center).norm(dim=1).clamp_min(1e-12)
+        z = (rho - self.radius) / self.std
+        return (-0.5 * z.square() - 0.5 * _LOG_2PI - math.log(self.std) - math.log(2 * math.pi) - rho.log()).to(x.dtype)
