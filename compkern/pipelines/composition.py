@@ -240,9 +240,11 @@ class CompositionPipeline:
     # -- prompts ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_one(self, prompts: list[str], tokenizer, text_encoder, penultimate: bool):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(text_encoder.device)
-        out = text_encoder(ids, output_hidden_states=penultimate)
+        tok = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+        ids = tok.input_ids.to(text_encoder.device)
+        mask = tok.attention_mask.to(ids.device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+        out = text_encoder(ids, attention_mask=mask, output_hidden_states=penultimate)
         states = out.hidden_states[-2] if penultimate else out[0]
         return states, (out[0] if out[0].dim() == 2 else None)
 

@@ -34,7 +34,7 @@ from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 # settings that change which images are accepted: a resumed run must match them
 _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "lift",
-           "trials", "threshold", "min_pixels", "rule", "height", "width", "dtype")
+           "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lift", default="cached", choices=["cached", "fresh", "none"],
                    help="cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
                         "on the final latents; none: accept everything")
+    p.add_argument("--target", default="composed", choices=["composed", "noise"],
+                   help="cached trials' target: the composed prediction (the paper's t2i variance reduction) or the "
+                        "noise recovered from x_t and the final latents")
     p.add_argument("--threshold", type=float, default=LM.DEFAULT_THRESHOLD, help="pixel lift threshold")
     p.add_argument("--min-pixels", type=float, default=LM.DEFAULT_MIN_PIXELS,
                    help="latent pixels above threshold for a component to count as present (below 1: a fraction)")
@@ -113,20 +116,26 @@ def _shard_path(out: Path, j: int) -> Path:
     return out / "shards" / f"batch-{j:06d}.pt"
 
 
-def _committed(out: Path) -> dict[int, dict]:
+def _committed(out: Path, cache: dict | None = None) -> dict[int, dict]:
+    """Every committed shard by batch id; ``cache`` (a dict kept by the caller) skips files read before."""
     shards = {}
     for f in sorted((out / "shards").glob("batch-*.pt")):
-        s = load(f)
+        if cache is not None and f.name in cache:
+            s = cache[f.name]
+        else:
+            s = load(f)
+            if cache is not None:
+                cache[f.name] = s
         shards[int(s["batch"])] = s
     return shards
 
 
-def merge_manifest(out: str | os.PathLike, n: int | None = None) -> dict:
+def merge_manifest(out: str | os.PathLike, n: int | None = None, *, cache: dict | None = None) -> dict:
     """Merge every shard of an output folder into manifest.json (atomic) and return it."""
     out = Path(out)
     cfg = json.loads((out / "config.json").read_text())
     n = cfg["n"] if n is None else n
-    shards = _committed(out)
+    shards = _committed(out, cache)
     records = sorted((r for s in shards.values() for r in s["records"]), key=lambda r: r["index"])
     accepted = [r for r in records if r["accepted"]]
     rows = sum(s["unet_rows"] for s in shards.values())
@@ -187,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         pending = [j for j in range(math.ceil(max_attempts / args.batch_size)) if j not in done]
         bar = tqdm(total=args.n, initial=min(accepted_total, args.n), desc="accepted", disable=dist.rank != 0)
         signs = torch.tensor(comp.signs)
+        seen: dict = {}  # rank 0's shard cache for the per-round manifest merge
         rnd = 0
         while accepted_total < args.n and rnd * dist.world < len(pending):
             slot = rnd * dist.world + dist.rank
@@ -196,14 +206,14 @@ def run(args: argparse.Namespace) -> int:
             accepted_total += int(dist.sum([n_acc])[0])
             rnd += 1
             if dist.rank == 0:
-                m = merge_manifest(out, args.n)
+                m = merge_manifest(out, args.n, cache=seen)
                 bar.n = min(accepted_total, args.n)
                 bar.set_postfix(attempted=m["attempted"], rate=f"{m['acceptance_rate']:.2f}")
                 bar.refresh()
         dist.barrier()
         if dist.rank == 0:
             bar.close()
-            m = merge_manifest(out, args.n)
+            m = merge_manifest(out, args.n, cache=seen)
             print(json.dumps({k: m[k] for k in ("n_accepted", "attempted", "acceptance_rate", "unet_rows",
                                                 "unet_rows_per_accepted", "complete")}))
         return 0
@@ -225,7 +235,8 @@ def _run_batch(pipe, comp, signs, j: int, args, out: Path, rank: int) -> int:
         maps, ok = None, torch.ones(B, dtype=torch.bool)
     else:
         if args.lift == "cached":
-            maps = LM.cached_lift_maps(res.record, signs)
+            maps = LM.cached_lift_maps(res.record, signs, target=args.target, latents=res.latents,
+                                       schedule=pipe.schedule)
         else:
             emb = pipe.encode([args.negative_prompt, *comp.components], height=args.height, width=args.width)
             maps = LM.fresh_lift_maps(pipe, res.latents, emb, n_trials=args.trials, adaptive=args.rule == "mean",
