@@ -119,6 +119,28 @@ def test_prompts_encoded_once_and_records_equal_separate_calls(sd):
     torch.testing.assert_close(single.latents[0], out.latents[1], atol=2e-4, rtol=1e-3)
 
 
+def test_auto_chunks_halve_on_out_of_memory(sd, monkeypatch):
+    from compkern.pipelines import composition
+
+    calls = []
+    real = composition.ConditionedUNet.__call__
+
+    def limited(self, x_t, t, ids):  # a device that holds at most 5 rows per call
+        calls.append(x_t.shape[0])
+        if x_t.shape[0] > 5:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, x_t, t, ids)
+
+    ref = sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent")
+    monkeypatch.setattr(composition.ConditionedUNet, "__call__", limited)
+    out = sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent", chunk_size="auto")
+    assert sd.last_chunk_size == 4 and calls[:2] == [8, 4]  # 8 rows failed, then chunks of 4
+    assert out.n_evals == 2 * 8 and len(out.record) == 2
+    torch.testing.assert_close(out.latents, ref.latents, atol=2e-4, rtol=1e-3)
+    with pytest.raises(torch.OutOfMemoryError):
+        sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent", chunk_size=8)
+
+
 def test_v_prediction_outputs_are_converted_to_eps(tmp_path):
     pipe = CompositionPipeline.from_pretrained(save_tiny_pipeline(tmp_path / "v", prediction_type="v_prediction"))
     assert pipe.prediction_type == "v_prediction"

@@ -192,6 +192,7 @@ class CompositionPipeline:
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self._cache: dict[tuple[str, ...], PromptEmbeddings] = {}
         self.n_encodes = 0  # text-encoder batches run (prompts are encoded once per pipeline)
+        self.last_chunk_size: int | None = None  # the rows per UNet call the last generation used
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -294,11 +295,11 @@ class CompositionPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | Composition, *, seeds: Sequence[int] = (0,), num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, negative_prompt: str = "", eta: float = 0.0,
-                 height: int | None = None, width: int | None = None, chunk_size: int | None = None,
+                 height: int | None = None, width: int | None = None, chunk_size: int | str | None = None,
                  record: bool = True, output_type: str = "pil", latents: torch.Tensor | None = None,
                  progress: bool = False) -> CompositionOutput:
         """Generate len(seeds) images of the composed prompt. ``chunk_size`` caps the UNet rows per
-        call (None: all (K+1) x B rows at once)."""
+        call (None: all (K+1) x B rows at once; "auto": start there and halve on out-of-memory)."""
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         comp, emb = self.prepare(prompt, negative_prompt=negative_prompt, height=height, width=width)
@@ -309,9 +310,21 @@ class CompositionPipeline:
         B = x_T.shape[0]
         weights = comp.weights(guidance_scale).to(self.device)
         ids = torch.arange(comp.K + 1, device=self.device)[:, None].expand(comp.K + 1, B)
-        eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=chunk_size, record=record)
-        x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, progress=progress,
-                         generator=torch.Generator(self.device).manual_seed(seeds[0]) if eta > 0 else None)
+        rows = (comp.K + 1) * B if chunk_size in (None, "auto") else int(chunk_size)
+        while True:
+            eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=rows, record=record)
+            try:
+                x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, progress=progress,
+                                 generator=torch.Generator(self.device).manual_seed(seeds[0]) if eta > 0 else None)
+                break
+            except torch.OutOfMemoryError:
+                if chunk_size != "auto" or rows == 1:
+                    raise
+                del eps_fn
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                rows = max(1, rows // 2)  # "auto": halve the rows per UNet call and start the batch again
+        self.last_chunk_size = rows
         images = None if output_type == "latent" else self.decode(x0, output_type=output_type)
         return CompositionOutput(images, x0, eps_fn.record, eps_fn.n_evals, comp, weights, seeds)
 

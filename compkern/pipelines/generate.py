@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=50,
                    help="fresh trials per image (with --rule mean: the most the adaptive estimator may spend)")
     p.add_argument("--rule", default="pixels", choices=["pixels", "mean"], help="object rule, or the mean-lift sign")
-    p.add_argument("--chunk-size", type=int, default=None, help="max UNet rows per call (default: all (K+1) x B)")
+    p.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="max UNet rows per call; auto (default): all (K+1) x B, halved on out-of-memory")
     p.add_argument("--max-attempts", type=int, default=None, help="stop after this many images (default 20 x n)")
     p.add_argument("--save-rejected", action="store_true", help="also write rejected images and their maps")
     p.add_argument("--no-overlays", action="store_true", help="do not write lift-map overlay PNGs")
@@ -241,7 +242,7 @@ def _run_batch(pipe, comp, signs, j: int, args, out: Path, rank: int) -> int:
             emb = pipe.encode([args.negative_prompt, *comp.components], height=args.height, width=args.width)
             maps = LM.fresh_lift_maps(pipe, res.latents, emb, n_trials=args.trials, adaptive=args.rule == "mean",
                                       expr=comp.expression if args.rule == "mean" else None,
-                                      seed=args.seed + j, chunk_size=args.chunk_size)
+                                      seed=args.seed + j, chunk_size=pipe.last_chunk_size)
         rows += maps.n_evals
         ok = LM.accept(comp, maps, threshold=args.threshold, min_pixels=args.min_pixels, rule=args.rule).cpu()
     keep = [b for b in range(B) if ok[b] or args.save_rejected]
