@@ -4,10 +4,10 @@
 
 A sample satisfies "A AND NOT B" when lift(x | A) > 0 and lift(x | B) <= 0.
 """
-from compkern.lift.estimator import LiftResult, calibrate_t_probs, estimate_lift, importance_probs
+from compkern.lift.estimator import LiftCalibration, LiftResult, calibrate, calibrate_t_probs, estimate_lift, importance_probs
 from compkern.lift.expr import Expr, parse
 
-__all__ = ["Expr", "LiftResult", "RejectionSampler", "calibrate_t_probs", "estimate_lift", "importance_probs", "parse"]
+__all__ = ["Expr", "LiftCalibration", "LiftResult", "calibrate", "RejectionSampler", "calibrate_t_probs", "estimate_lift", "importance_probs", "parse"]
 
 
 def __getattr__(name):

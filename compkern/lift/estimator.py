@@ -108,39 +108,84 @@ def importance_probs(profile: torch.Tensor, *, floor: float = 0.1) -> torch.Tens
     return (1 - floor) * q + floor / T
 
 
-@torch.no_grad()
-def calibrate_t_probs(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any, schedule: NoiseSchedule, *,
-                      n_trials: int = 16, bins: int = 20, floor: float = 0.1,
-                      generator: torch.Generator | None = None, chunk_size: int | None = None) -> tuple[torch.Tensor, int]:
-    """Importance probabilities over t from a uniform pilot on a few samples x0 (B, *S).
+@dataclass
+class LiftCalibration:
+    """What a pilot learns about a (model, task): t_probs (num_steps,), the importance proposal;
+    var_coef (3,): the per-trial variance of the weighted trial value under that proposal, as a
+    trend c0 + c1 m^2 + c2 |m| in the lift m; prior_dof: how many trials that prior is worth in the
+    moderated standard error (empirical Bayes, as limma-trend); rows: model rows the pilot spent."""
 
-    The pilot measures sqrt(mean d^2) in ``bins`` equal bins of t; the proposal is that profile,
-    piecewise constant, mixed with ``floor`` of the uniform. Returns (probs (num_steps,), model rows
-    spent). Calibrate once per model and task, then reuse the probs for every batch."""
+    t_probs: torch.Tensor
+    var_coef: torch.Tensor
+    prior_dof: float
+    rows: int
+
+    def prior_var(self, m: torch.Tensor) -> torch.Tensor:
+        c = self.var_coef.to(m.device, m.dtype)
+        return (c[0] + c[1] * m.square() + c[2] * m.abs()).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def calibrate(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any, schedule: NoiseSchedule, *,
+              n_trials: int = 16, bins: int = 20, floor: float = 0.1, prior_dof: float = 8.0,
+              generator: torch.Generator | None = None, chunk_size: int | None = None,
+              backend: str = "auto") -> LiftCalibration:
+    """A uniform-t pilot of ``n_trials`` trials on a few samples x0 (B, *S) (64 is plenty).
+
+    t_probs: sqrt(mean d^2) in ``bins`` equal bins of t (the variance-minimizing shape), piecewise
+    constant, mixed with ``floor`` of the uniform. The variance trend is fitted across the pilot's
+    (condition, sample) pairs, each pair's variance under t_probs computed from its uniform trials
+    by reweighting (E_q[(w d)^2] = E_uniform[w d^2]). Calibrate once per model and task."""
     T = schedule.num_steps
-    res = _Pilot(T, bins)
-    estimate_lift(model, x0, conds, null_cond, schedule, n_trials=n_trials, chunk_trials=min(n_trials, 8),
-                  stratified=True, generator=generator, chunk_size=chunk_size, _pilot=res)
+    B, S = x0.shape[0], tuple(x0.shape[1:])
+    full = _stack(conds, null_cond, B, x0.device)
+    t, _ = _draw_t(None, T, n_trials, B, True, generator)
+    eps = torch.randn(n_trials, B, *S, generator=generator, dtype=x0.dtype).to(x0.device)
+    t = t.to(x0.device)
+    x_t = schedule.add_noise(x0.unsqueeze(0).expand(n_trials, *x0.shape).reshape(-1, *S), eps.reshape(-1, *S), t.reshape(-1))
+    cond_rows = full.repeat(1, n_trials, *([1] * (full.dim() - 2)))
+    preds = evaluate_conditions(model, x_t, t.reshape(-1), cond_rows, chunk_size=chunk_size)
+    rows = preds.shape[0] * preds.shape[1]
+    K = full.shape[0] - 1
+    d = lift_partial(eps.reshape(1, -1, *S), preds.unsqueeze(0), backend=backend).sum_wd.reshape(K, n_trials, B).double().cpu()
+    tc = t.cpu()
     edges = torch.linspace(0, T, bins + 1).round().long()
+    idx = (tc * bins // T).clamp(max=bins - 1)  # (n, B)
+    d2 = d.square().mean(0)  # (n, B)
     prof = torch.zeros(T, dtype=torch.float64)
     for i in range(bins):
-        c = res.count[i]
-        prof[edges[i]:edges[i + 1]] = (res.sq[i] / c).sqrt() if c > 0 else 0.0
-    return importance_probs(prof, floor=floor), res.rows
+        sel = idx == i
+        if bool(sel.any()):
+            prof[edges[i]:edges[i + 1]] = d2[sel].mean().sqrt()
+    probs = importance_probs(prof, floor=floor)
+    w = ((1.0 / T) / probs[tc])[None]  # (1, n, B)
+    m = d.mean(1).reshape(-1)
+    var = ((w * d.square()).mean(1).reshape(-1) - m.square()).clamp_min(0)
+    A = torch.stack([torch.ones_like(m), m.square(), m.abs()], 1)
+    coef = torch.linalg.lstsq(A, var[:, None]).solution.flatten()
+    if bool((coef < 0).any()):  # keep the trend non-negative: refit on the non-negative terms
+        keep = coef >= 0
+        keep[0] = True
+        sub = torch.linalg.lstsq(A[:, keep], var[:, None]).solution.flatten().clamp_min(0)
+        coef = torch.zeros(3, dtype=torch.float64)
+        coef[keep] = sub
+    if float(coef[0]) <= 0:
+        coef[0] = max(float(var.mean()) * 1e-3, 1e-12)
+    return LiftCalibration(probs.float(), coef.float(), float(prior_dof), rows)
 
 
-class _Pilot:
-    def __init__(self, T: int, bins: int):
-        self.T, self.bins = T, bins
-        self.sq = torch.zeros(bins, dtype=torch.float64)
-        self.count = torch.zeros(bins, dtype=torch.float64)
-        self.rows = 0
+def calibrate_t_probs(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any, schedule: NoiseSchedule,
+                      **options) -> tuple[torch.Tensor, int]:
+    """(t_probs (num_steps,), pilot rows): the importance proposal of ``calibrate``."""
+    cal = calibrate(model, x0, conds, null_cond, schedule, **options)
+    return cal.t_probs, cal.rows
 
-    def add(self, t: torch.Tensor, d2: torch.Tensor) -> None:
-        """t (N,) timesteps, d2 (N,) mean over conditions of d^2."""
-        idx = (t.cpu() * self.bins // self.T).clamp(max=self.bins - 1)
-        self.sq.index_add_(0, idx, d2.cpu().double())
-        self.count.index_add_(0, idx, torch.ones_like(d2.cpu().double()))
+
+def _t_quantile(z: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
+    """Student-t critical value matching the normal one z, at dof degrees of freedom
+    (Cornish-Fisher expansion; exact enough for dof >= 3)."""
+    v = dof.clamp_min(1)
+    return z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
 
 
 # -- the estimator ------------------------------------------------------------------------------------
@@ -179,7 +224,7 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
                   confidence: float | None = None, min_trials: int = 4, chunk_trials: int = 8,
                   t_probs: torch.Tensor | None = None, stratified: bool = True, antithetic: bool = False,
                   record: Any = None, pixel_map: bool = False, chunk_size: int | None = None,
-                  generator: torch.Generator | None = None, backend: str = "auto", _pilot: _Pilot | None = None) -> LiftResult:
+                  generator: torch.Generator | None = None, backend: str = "auto", calibration: LiftCalibration | None = None) -> LiftResult:
     """Estimate the lift of K conditions for each sample.
 
     x0 (B, *S) clean samples; conds: K conditions (a list, each shared by the batch, or a tensor
@@ -188,7 +233,9 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
     expr: an expression from ``compkern.lift.parse`` over the K conditions (in order); in
     adaptive mode a sample stops once the expression's value is certain. z / confidence: the
     two-sided certainty of a sign (default z = 3). t_probs (num_steps,): importance proposal over t
-    (see ``calibrate_t_probs``). antithetic: pair each eps with -eps (chunk_trials must be even).
+    (see ``calibrate_t_probs``). calibration: a ``calibrate`` result: its t_probs, and in adaptive
+    mode standard errors moderated toward its variance trend (reliable signs after few trials).
+    antithetic: pair each eps with -eps (chunk_trials must be even).
     record: a StepRecord of the sampling run that produced x0 (cached trials). pixel_map: also a
     per-pixel lift (K, B, H, W) for image layouts S = (C, H, W)."""
     if not isinstance(x0, torch.Tensor) or x0.dim() < 2:
@@ -202,6 +249,8 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
     if pixel_map and x0.dim() != 4:
         raise ValueError(f"pixel_map=True needs an image layout x0 (B, C, H, W), got {tuple(x0.shape)}")
     T = schedule.num_steps
+    if calibration is not None and t_probs is None:
+        t_probs = calibration.t_probs
     if t_probs is not None:
         t_probs = torch.as_tensor(t_probs, dtype=torch.float64).cpu()
         if t_probs.shape != (T,) or bool((t_probs < 0).any()) or float(t_probs.sum()) <= 0:
@@ -221,15 +270,27 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
         _add_cached(sums, record, x0, schedule, K, pixel_map, backend)
 
     fresh = torch.zeros(K, B, device=dev)
+    z_t = torch.tensor(zz, dtype=acc, device=dev)
+
+    def signs():
+        """(mean, stderr, surely > 0, surely <= 0), each (K, B)."""
+        mean = sums.mean
+        if calibration is None:
+            se, crit = sums.stderr, z_t
+        else:  # moderated: the pair's variance shrunk toward the calibrated trend
+            n, d0 = sums.n, calibration.prior_dof
+            s2 = (sums.stderr.square() * n).nan_to_num(0.0, posinf=0.0)
+            var = (d0 * calibration.prior_var(mean) + (n - 1).clamp_min(0) * s2) / (d0 + (n - 1).clamp_min(0))
+            se = (var / n.clamp_min(1)).sqrt()
+            crit = _t_quantile(z_t, d0 + n - 1)
+        enough = sums.n >= min_trials
+        return mean, se, enough & (mean - crit * se > 0), enough & (mean + crit * se <= 0)
 
     def status():
         """open (K, B): pairs that still need trials."""
         if not adaptive:
             return fresh < n_trials
-        mean, se = sums.mean, sums.stderr
-        enough = sums.n >= min_trials
-        pos = enough & (mean - zz * se > 0)
-        neg = enough & (mean + zz * se <= 0)
+        _, _, pos, neg = signs()
         known = pos | neg
         open_ = ~known & (fresh < n_trials)
         if expr is not None:
@@ -271,9 +332,6 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
             bb = b_act[None, :].expand(K, Ba).reshape(-1)
             pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(K, n, Ba, *S[1:]).sum(1).reshape(K * Ba, *S[1:])
             sums.add(kk, bb, float(n), d.sum(1).reshape(-1).to(acc), d.square().sum(1).reshape(-1).to(acc), pix)
-            if _pilot is not None:
-                _pilot.add(t.reshape(-1), (d / w.reshape(1, n, Ba)).square().mean(0).reshape(-1))
-                _pilot.rows = n_evals
             fresh[:, b_act] += n
             continue
         # Packed: the null row of each active sample plus only its open conditions.
@@ -297,13 +355,12 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
         sums.add(kp, b_act[bp], float(n), d.sum(0).to(acc), d.square().sum(0).to(acc), pix)
         fresh[kp, b_act[bp]] += n
 
-    mean, se = sums.mean, sums.stderr
+    mean, se, pos, neg = signs()
     pix = None if sums.pix is None else sums.pix / sums.n.clamp_min(1)[..., None, None]
     accept = decided = None
     if expr is not None:
         accept = expr.accept(mean)
-        pos, neg = mean - zz * se > 0, mean + zz * se <= 0
-        decided, _ = expr.decide(pos & (sums.n >= min_trials), neg & (sums.n >= min_trials))
+        decided, _ = expr.decide(pos, neg)
     return LiftResult(mean, se, sums.n.clone(), n_evals, pix, accept, decided)
 
 

@@ -76,6 +76,13 @@ class Expr:
         _weights(self._node, 1.0, w)
         return w
 
+    def sample_weights(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, K) per-sample weights: like ``weights()``, except that every OR picks one operand
+        per sample at random (ancestral sampling of a mixture, which weights alone cannot express)."""
+        out = torch.zeros(n, len(self.names))
+        _sample_weights(self._node, 1.0, out, torch.arange(n), generator)
+        return out
+
     def decide(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Three-valued evaluation. pos, neg (K, B) bool: lift surely > 0 / surely <= 0.
         Returns (known (B,), value (B,)): whether the expression's value is already certain."""
@@ -126,6 +133,23 @@ def _weights(node, scale: float, w: torch.Tensor) -> None:
     else:
         for c in node[1]:
             _weights(c, scale / len(node[1]), w)
+
+
+def _sample_weights(node, scale: float, out: torch.Tensor, rows: torch.Tensor, g) -> None:
+    op = node[0]
+    if len(rows) == 0:
+        return
+    if op == "atom":
+        out[rows, node[1]] += scale * node[2]
+    elif op == "not":
+        _sample_weights(node[1], -scale, out, rows, g)
+    elif op == "and":
+        for c in node[1]:
+            _sample_weights(c, scale, out, rows, g)
+    else:
+        pick = torch.randint(0, len(node[1]), (len(rows),), generator=g)
+        for i, c in enumerate(node[1]):
+            _sample_weights(c, scale, out, rows[pick == i], g)
 
 
 class _Parser:
