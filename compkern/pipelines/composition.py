@@ -304,6 +304,8 @@ class CompositionPipeline:
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         comp, emb = self.prepare(prompt, negative_prompt=negative_prompt, height=height, width=width)
         seeds = [int(s) for s in seeds]
+        if not seeds and latents is None:
+            raise ValueError("seeds must hold at least one seed (one image per seed)")
         x_T = self.initial_latents(seeds, height=height, width=width) if latents is None else latents.float()
         if x_T.dim() != 4 or x_T.shape[1] != self.latent_channels:
             raise ValueError(f"latents must have shape (B, {self.latent_channels}, h, w), got {tuple(x_T.shape)}")
