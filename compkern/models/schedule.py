@@ -111,5 +111,8 @@ class NoiseSchedule:
         """Evenly spaced descending timesteps ("trailing" spacing: the first is num_steps - 1)."""
         if not 1 <= num_inference_steps <= self.num_steps:
             raise ValueError(f"num_inference_steps must lie in [1, {self.num_steps}], got {num_inference_steps}")
-        ts = torch.round(torch.arange(self.num_steps, 0, -self.num_steps / num_inference_steps)).long() - 1
+        # Exactly num_inference_steps levels (a float arange could add one, t = -1, when
+        # num_steps is not a multiple of num_inference_steps).
+        ts = torch.round(self.num_steps - torch.arange(num_inference_steps, dtype=torch.float64)
+                         * (self.num_steps / num_inference_steps)).long() - 1
         return ts
