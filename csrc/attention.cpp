@@ -182,12 +182,14 @@ void losses_backward_kernel(const T* maps, const int64_t* tok, const int64_t* en
         prod *= m[k];
       }
       if (s > 0) {
+        // d (prod / s) / d m_k = (others_k - prod / s) / s: no s * s (which underflows in fp32).
         A* g = slot(pbest);
+        const A ratio = prod / s;
         for (int64_t k = 0; k < K; ++k) {
           A others = 1;
           for (int64_t i = 0; i < K; ++i)
             if (i != k) others *= m[i];
-          g[k] += gsep[b] * (others / s - prod / (s * s));
+          g[k] += gsep[b] * ((others - ratio) / s);
         }
       }
     }

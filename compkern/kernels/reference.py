@@ -97,7 +97,10 @@ def attention_losses(maps: torch.Tensor, token_indices: torch.Tensor, text_end: 
         a = x
     m = a.gather(2, token_indices[:, None, :].expand(B, P, K))  # (B, P, K)
     s = m.sum(-1)
-    ratio = torch.where(s > 0, m.prod(-1) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    if K == 1:  # prod / sum == 1 wherever M > 0: constant, no gradient (and no 0 * inf in fp32 autograd)
+        ratio = (s > 0).to(acc) + 0.0 * s  # (0 * s: keeps sep differentiable, with a zero gradient)
+    else:
+        ratio = torch.where(s > 0, m.prod(-1) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     sep = ratio.gather(1, ratio.argmax(1, keepdim=True)).squeeze(1)
     pad = kernel_size // 2
     img = m.permute(0, 2, 1).reshape(B * K, 1, R, R)

@@ -13,6 +13,8 @@ Backward: _grad_m_kernel (B,): d loss / d M, non-zero at the arg-max pixel and t
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -147,7 +149,7 @@ def _grad_m_kernel(m_ptr, w_ptr, arg_ptr, gs_ptr, ge_ptr, g_ptr, P, R, K: tl.con
             px = _reflect(qx + (dx - C), R)
             wx = tl.load(w_ptr + dx).to(acc_t)
             adj += tl.where(offs == py * R + px, wy * wx, 0.0)
-    # Separate: d (prod / sum) / d M_k at p_sep.
+    # Separate: d (prod / sum) / d M_k at p_sep = (prod_{i != k} M_i - prod / sum) / sum.
     s = tl.full([], 0.0, acc_t)
     prod = tl.full([], 1.0, acc_t)
     for k in tl.static_range(K):
@@ -160,14 +162,23 @@ def _grad_m_kernel(m_ptr, w_ptr, arg_ptr, gs_ptr, ge_ptr, g_ptr, P, R, K: tl.con
         for i in tl.static_range(K):
             if i != k:
                 others *= tl.load(mb + i * P + p_sep).to(acc_t)
-        dk = tl.where(s > 0, gs * (others / s_safe - prod / (s_safe * s_safe)), 0.0)
+        dk = tl.where(s > 0, gs * ((others - prod / s_safe) / s_safe), 0.0)  # no s * s (fp32 underflow)
         g = tl.where(offs == p_sep, dk, 0.0) - tl.where(k_en == k, ge, 0.0) * adj
         tl.store(g_ptr + (b * K + k) * P + offs, g, mask=pmask)
 
 
 @triton.jit
+def _round_to_bf16_rtne(x):
+    """fp32 -> the nearest bf16 value (ties to even), still fp32: the later .to(bfloat16) is exact.
+    (The Triton CPU interpreter truncates fp32 -> bf16; GPUs round to nearest even.)"""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _grad_maps_kernel(x_ptr, tok_ptr, end_ptr, g_ptr, out_ptr, P, N, scale, K: tl.constexpr, SOFTMAX: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -186,6 +197,8 @@ def _grad_maps_kernel(x_ptr, tok_ptr, end_ptr, g_ptr, out_ptr, P, N, scale, K: t
     else:
         out = ga
     mask = pmask[:, None] & (offs_n < N)[None, :]
+    if BF16:
+        out = _round_to_bf16_rtne(out)
     tl.store(out_ptr + b * P * N + offs_p[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -197,9 +210,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _tile(P: int, N: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_N): about 4096 elements per program on a GPU; in the CPU interpreter, where
+    each program costs Python overhead, whole maps per program."""
     block_n = triton.next_power_of_2(N)
-    block_p = min(triton.next_power_of_2(P), max(1, 4096 // block_n))
+    elems = 1 << 17 if _interpret() else 4096
+    block_p = min(triton.next_power_of_2(P), max(1, elems // block_n))
     return block_p, block_n
 
 
@@ -208,7 +228,7 @@ def aggregate_attention_forward(views: list[torch.Tensor]) -> torch.Tensor:
     B, _, P, N = views[0].shape
     total = sum(v.shape[1] for v in views)
     out = torch.empty(B, P, N, dtype=_acc_dtype(views[0].dtype), device=views[0].device)
-    BLOCK = 1024
+    BLOCK = min(1 << 18, triton.next_power_of_2(P * N)) if _interpret() else 1024
     grid = (B, triton.cdiv(P * N, BLOCK))
     for i, v in enumerate(views):
         _aggregate_kernel[grid](v, out, v.shape[1], P * N, 1.0 / total, FIRST=(i == 0), BLOCK=BLOCK)
@@ -247,5 +267,6 @@ def attention_losses_backward(maps, tokens, text_end, weights, softmax: bool, sc
     _grad_m_kernel[(B,)](m, weights, arg, grad_sep, grad_en, g, P, R, K=K, KS=KS, BLOCK_P=triton.next_power_of_2(P))
     out = torch.empty_like(maps)
     _grad_maps_kernel[(B, triton.cdiv(P, block_p))](maps, tokens, text_end, g, out, P, N, scale, K=K,
-                                                    SOFTMAX=softmax, BLOCK_P=block_p, BLOCK_N=block_n)
+                                                    SOFTMAX=softmax, BF16=maps.dtype == torch.bfloat16,
+                                                    BLOCK_P=block_p, BLOCK_N=block_n)
     return out

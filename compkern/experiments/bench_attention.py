@@ -1,0 +1,127 @@
+"""Benchmark of aggregate_attention + attention_losses, forward + backward (`compkern bench attention`).
+
+The SepEn training step's attention-loss part: L layers of (B*heads, P, N) cross-attention
+probabilities -> aggregate (B, P, N) -> Separate / Enhance losses -> gradients w.r.t. every layer
+(torch.autograd.grad, as the UNet backward would consume them). Variants:
+
+  eager    the torch reference (compkern.kernels.reference), plain autograd
+  compile  torch.compile of the same reference function (forward and backward compiled)
+  cpp      compkern.ops with backend="cpp" (argument checks included)
+  triton   compkern.ops with backend="triton" (CUDA only)
+
+Times are the minimum (and median) over --repeats runs after warm-up; the CPU is shared, so the
+minimum is the figure to compare.
+
+    python -m compkern.experiments.bench_attention [--k 2 3 4] [--dtypes fp32 bf16] [--repeats 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from compkern.kernels import reference
+from compkern.ops import aggregate_attention, attention_losses
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ("eager", "compile", "cpp", "triton")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=5)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=77, help="N, text tokens")
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4], help="object tokens K")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--variants", nargs="+", default=["eager", "compile", "cpp"], choices=VARIANTS)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="write the rows here")
+
+
+def _reference_step(layers, B, H, tokens, text_end):
+    views = [x.view(B, H, *x.shape[1:]) for x in layers]
+    maps = reference.aggregate_attention(views)
+    sep, en = reference.attention_losses(maps, tokens, text_end, 0.5, 3, "softmax", 100.0)
+    return sep.mean() + 2.0 * en.mean()
+
+
+def _make_step(variant: str, B: int, H: int, R: int):
+    if variant in ("eager", "compile"):
+        fn = _reference_step if variant == "eager" else torch.compile(_reference_step, dynamic=False)
+
+        def step(layers, tokens, text_end):
+            return torch.autograd.grad(fn(layers, B, H, tokens, text_end), layers)
+        return step
+
+    def step(layers, tokens, text_end):
+        maps = aggregate_attention(layers, heads=H, resolution=R, backend=variant)
+        sep, en = attention_losses(maps, tokens, text_end=text_end, backend=variant)
+        return torch.autograd.grad(sep.mean() + 2.0 * en.mean(), layers)
+    return step
+
+
+def _time(step, inputs, warmup: int, repeats: int, sync) -> tuple[float, float]:
+    for _ in range(warmup):
+        step(*inputs)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(*inputs)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    B, H, L, R, N = args.batch, args.heads, args.layers, args.resolution, args.tokens
+    P = R * R
+    rows = []
+    print(f"attention_losses fwd+bwd: B={B} heads={H} layers={L} {R}x{R} N={N}, device={device}, "
+          f"threads={torch.get_num_threads()}, min / median of {args.repeats}")
+    print("| dtype | K | variant | min ms | median ms | speedup vs eager (min) |")
+    print("|---|---|---|---|---|---|")
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        g = torch.Generator().manual_seed(0)
+        layers = [torch.softmax(torch.randn(B * H, P, N, generator=g), -1).to(device=device, dtype=dtype).requires_grad_()
+                  for _ in range(L)]
+        for K in args.k:
+            tokens = (torch.arange(K, device=device) * 3 + 2)[None].expand(B, K).contiguous()
+            text_end = torch.full((B,), N - 1, dtype=torch.int64, device=device)
+            base = None
+            for variant in args.variants:
+                try:
+                    step = _make_step(variant, B, H, R)
+                    tmin, tmed = _time(step, (layers, tokens, text_end), args.warmup, args.repeats, sync)
+                except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
+                    print(f"| {dname} | {K} | {variant} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |")
+                    continue
+                if variant == "eager":
+                    base = tmin
+                speed = f"{base / tmin:.2f}x" if base else "-"
+                print(f"| {dname} | {K} | {variant} | {tmin * 1e3:.3f} | {tmed * 1e3:.3f} | {speed} |", flush=True)
+                rows.append(dict(dtype=dname, K=K, variant=variant, min_ms=tmin * 1e3, median_ms=tmed * 1e3,
+                                 B=B, heads=H, layers=L, resolution=R, N=N, device=str(device)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args())
