@@ -56,8 +56,9 @@ class _Block(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return h + self.fc2(nn.functional.silu(self.fc1(nn.functional.silu(self.norm(h))) + self.emb(emb)))
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """h (N, hidden), emb (U, hidden) per distinct (t, cond) pair, index (N,) row -> pair."""
+        return h + self.fc2(nn.functional.silu(self.fc1(nn.functional.silu(self.norm(h))) + self.emb(emb)[index]))
 
 
 class ConditionalMLP(nn.Module):
@@ -89,9 +90,13 @@ class ConditionalMLP(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x_t (N, dim), t (N,) int64, cond (N,) int64 in [0, num_classes] -> (N, out_dim)."""
         check_eps_inputs(x_t, t, cond, dim=self.dim, num_classes=self.num_classes, num_steps=self.num_steps)
-        temb = timestep_embedding(t, self.hidden, self.num_steps).to(x_t.dtype)
-        emb = nn.functional.silu(self.t_mlp(temb) + self.c_emb(cond.long()))
+        # the (time, class) embeddings depend on the pair only: compute them once per distinct pair
+        # (a batched multi-condition call has few), then gather per row
+        keys, inverse = torch.unique(t.long() * (self.num_classes + 1) + cond.long(), return_inverse=True)
+        ut, uc = keys // (self.num_classes + 1), keys % (self.num_classes + 1)
+        temb = timestep_embedding(ut, self.hidden, self.num_steps).to(x_t.dtype)
+        emb = nn.functional.silu(self.t_mlp(temb) + self.c_emb(uc))
         h = self.inp(x_t)
         for blk in self.blocks:
-            h = blk(h, emb)
+            h = blk(h, emb, inverse)
         return self.out(nn.functional.silu(self.out_norm(h)))
