@@ -196,6 +196,8 @@ def test_train_resume_and_eval_cli(tmp_path):
     assert P.run(parser.parse_args(argv)) == 0  # resumes: nothing recomputed
     assert out.read_text() == stamp
     assert "reverse diffusion" in P.format_table(res)
+    assert P.run(parser.parse_args(["grid", str(out), "--png", str(tmp_path / "g2.png")])) == 0
+    assert (tmp_path / "g2.png").stat().st_size > 0
     with pytest.raises(ValueError, match="MODEL:METHOD:BASE"):
         P._parse_cell("eps:foo:null")
     with pytest.raises(ValueError, match="energies"):

@@ -4,6 +4,7 @@
     compkern positions train --out runs/positions/energy --energy --steps 1000 --threads 1
     compkern positions sample runs/positions/eps --objects 3 --method reverse --base background --png s.png
     compkern positions eval --eps-run runs/positions/eps --energy-run runs/positions/energy --n 32
+    compkern positions grid runs/positions/eval.json --png docs/positions.png
 
 The model learns p(x | one object at (x, y)), p(x | empty scene) and p(x). n objects are composed as
 log p(x | y_1..y_n) = log p(x | base) + sum_i (log p(x | y_i) - log p(x | base)), the base being the
@@ -86,11 +87,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--png", default=None, help="grid of samples per method (e.g. docs/positions.png)")
     ev.add_argument("--table", action="store_true", help="only print the table of an existing --out")
 
+    gr = sub.add_parser("grid", help="one PNG with a row of samples per method from one or more eval outputs")
+    gr.add_argument("evals", nargs="+", help="eval JSON files (their *_samples folders hold the images)")
+    gr.add_argument("--png", default="docs/positions.png")
+    gr.add_argument("--per-cell", type=int, default=2)
+
 
 # -- training -------------------------------------------------------------------------------------
 def schedule() -> NoiseSchedule:
     """The noise schedule of every positions model: cosine, 1000 steps."""
     return NoiseSchedule.cosine(1000)
+
+
+SAMPLE_T_MAX = 970
+
+
+def sampling_schedule() -> NoiseSchedule:
+    """The training schedule cut at t < SAMPLE_T_MAX (abar_max = 2.2e-3 instead of 2.4e-9): at
+    the cosine schedule's last step x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) multiplies the eps
+    error by 2e4, which without x0 clipping throws samples far outside [-1, 1]. Every sampler
+    (reverse diffusion and the annealed MCMC levels) starts from N(0, I) at t = SAMPLE_T_MAX - 1."""
+    return NoiseSchedule(schedule().betas[:SAMPLE_T_MAX])
 
 
 def train_position_model(model: torch.nn.Module, out_dir: str | Path, *, size: int = 24, steps: int = 2000,
@@ -181,7 +198,7 @@ def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", b
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     conds = composition_conds(positions, base)
     B, n = positions.shape[0], positions.shape[1]
-    sch = schedule()
+    sch = sampling_schedule()
     x_T = torch.randn(B, 3, size, size, generator=generator)
     with torch.no_grad():
         if method == "reverse":
@@ -368,6 +385,19 @@ def save_grid(rows: list[tuple[str, dict]], png: str | Path, per_cell: int = 2) 
     plt.close(fig)
 
 
+def _grid(args) -> int:
+    rows = []
+    for path in args.evals:
+        path = Path(path)
+        results = json.loads(path.read_text())
+        cells = list(dict.fromkeys(f"{r['model']}:{r['method']}:{r['base']}" for r in results.values()))
+        objects = sorted({r["objects"] for r in results.values()})
+        rows += load_grid_rows(path.parent / (path.stem + "_samples"), cells, objects)
+    save_grid(rows, args.png, per_cell=args.per_cell)
+    print(f"wrote {args.png} ({len(rows)} methods)")
+    return 0
+
+
 def _sample(args) -> int:
     model, cfg = load_run(args.run)
     g = torch.Generator().manual_seed(args.seed)
@@ -386,4 +416,4 @@ def _sample(args) -> int:
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return {"train": _train, "sample": _sample, "eval": _eval}[args.action](args)
+    return {"train": _train, "sample": _sample, "eval": _eval, "grid": _grid}[args.action](args)
