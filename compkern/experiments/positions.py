@@ -414,6 +414,6 @@ def _sample(args) -> int:
 
 
 def run(args) -> int:
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return {"train": _train, "sample": _sample, "eval": _eval, "grid": _grid}[args.action](args)
