@@ -145,7 +145,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-trials", type=int, default=48, help="adaptive CompLift: cap on fresh trials per lift")
     p.add_argument("--full", action="store_true", help="also run the 1000-trial estimator (slow)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of task names")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these tensors are small; more threads only add overhead)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
