@@ -18,7 +18,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _grid_mass(f, e=3.0, r=500):
+def _grid_mass(f, e=3.0, r=300):
     h = 2 * e / r
     c = -e + h * (torch.arange(r, dtype=torch.float64) + 0.5)
     gx, gy = torch.meshgrid(c, c, indexing="ij")
@@ -33,7 +33,7 @@ def test_components_normalized_and_match_samples(dist):
     x = dist.sample(4000, generator=g)
     assert x.shape == (4000, 2) and x.dtype == torch.float32
     # samples and density agree: the sample mean of x equals the density-weighted mean on a grid
-    e, r = 3.0, 400
+    e, r = 3.0, 250
     h = 2 * e / r
     c = -e + h * (torch.arange(r, dtype=torch.float64) + 0.5)
     gx, gy = torch.meshgrid(c, c, indexing="ij")
