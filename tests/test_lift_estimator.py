@@ -176,3 +176,8 @@ def test_bad_inputs(setup):
         estimate_lift(model, x0, [0], 4, sched, confidence=1.5)
     with pytest.raises(TypeError, match="conds"):
         estimate_lift(model, x0, 0, 4, sched)
+    nan_model = lambda x_t, t, c: torch.full_like(x_t, float("nan"))  # noqa: E731
+    with pytest.raises(FloatingPointError, match="NaN"):
+        estimate_lift(nan_model, x0, [0], 4, sched, n_trials=4)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        estimate_lift(nan_model, x0, [0, 1], 4, sched, adaptive=True, n_trials=8, z=0.01, chunk_trials=2)
