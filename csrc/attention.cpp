@@ -3,6 +3,8 @@
 // aggregate_attention_forward: layers (B, H_l, P, N), any float dtype -> (B, P, N) in the
 //   accumulation type (fp32; fp64 for fp64): the mean over all (layer, head) maps. Work items are
 //   (b, block of pixels); each item reads its slice of every layer once and owns its output slice.
+// aggregate_attention_backward: out (B * heads, P, N) = grad (B, P, N) * scale broadcast over
+//   heads, converted to the layers' dtype in the same pass.
 // attention_losses_forward: one pass over maps (B, P, N) per sample b (OpenMP over b): selection of
 //   the K tokens with the Attend-and-Excite softmax (optional), Separate (max over pixels of
 //   prod/sum), separable Gaussian smoothing with reflect padding and Enhance (1 - min_k max_p).
@@ -23,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -62,13 +65,39 @@ void aggregate_kernel(const std::vector<const T*>& src, const std::vector<int64_
 
 inline int64_t reflect(int64_t i, int64_t R) { return i < 0 ? -i : (i >= R ? 2 * (R - 1) - i : i); }
 
+// exp for the softmax: std::exp for double; for float a branch-free Cephes-style expf (about 1 ulp,
+// 0 below -87.3 where expf is subnormal) that the compiler vectorizes in `omp simd` loops.
+inline double fexp(double x) { return std::exp(x); }
+inline float fexp(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.7f);
+  const float t = xc * 1.44269504088896341f;
+  const int32_t ni = static_cast<int32_t>(t + (t >= 0.f ? 0.5f : -0.5f));
+  const float n = static_cast<float>(ni);
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return x < -87.3f ? 0.f : y * s;
+}
+
 // Softmax statistics of one pixel row over tokens [1, end): max of x and sum of exp(scale (x - max)).
 template <typename T, typename A>
 inline void row_stats(const T* x, int64_t end, A scale, A& mx, A& Z) {
-  mx = -std::numeric_limits<A>::infinity();
-  for (int64_t j = 1; j < end; ++j) mx = std::max(mx, static_cast<A>(x[j]));
-  Z = 0;
-  for (int64_t j = 1; j < end; ++j) Z += std::exp(scale * (static_cast<A>(x[j]) - mx));
+  A m = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 1; j < end; ++j) m = std::max(m, static_cast<A>(x[j]));
+  A z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t j = 1; j < end; ++j) z += fexp(scale * (static_cast<A>(x[j]) - m));
+  mx = m;
+  Z = z;
 }
 
 // The K selected, normalized values of one pixel row.
@@ -79,7 +108,7 @@ inline void select_row(const T* x, const int64_t* tok, int64_t K, int64_t end, b
     A mx, Z;
     row_stats(x, end, scale, mx, Z);
     const A inv = A(1) / Z;
-    for (int64_t k = 0; k < K; ++k) m[k * stride] = std::exp(scale * (static_cast<A>(x[tok[k]]) - mx)) * inv;
+    for (int64_t k = 0; k < K; ++k) m[k * stride] = fexp(scale * (static_cast<A>(x[tok[k]]) - mx)) * inv;
   } else {
     for (int64_t k = 0; k < K; ++k) m[k * stride] = static_cast<A>(x[tok[k]]);
   }
@@ -212,16 +241,31 @@ void losses_backward_kernel(const T* maps, const int64_t* tok, const int64_t* en
         row_stats(x, e, scale, mx, Z);
         const A inv = A(1) / Z;
         A dot = 0;
-        for (int64_t k = 0; k < K; ++k) dot += g[k] * std::exp(scale * (static_cast<A>(x[tb[k]]) - mx)) * inv;
-        for (int64_t j = 1; j < e; ++j) row[j] = -scale * std::exp(scale * (static_cast<A>(x[j]) - mx)) * inv * dot;
+        for (int64_t k = 0; k < K; ++k) dot += g[k] * fexp(scale * (static_cast<A>(x[tb[k]]) - mx)) * inv;
+        for (int64_t j = 1; j < e; ++j) row[j] = -scale * fexp(scale * (static_cast<A>(x[j]) - mx)) * inv * dot;
         for (int64_t k = 0; k < K; ++k)
-          row[tb[k]] += scale * std::exp(scale * (static_cast<A>(x[tb[k]]) - mx)) * inv * g[k];
+          row[tb[k]] += scale * fexp(scale * (static_cast<A>(x[tb[k]]) - mx)) * inv * g[k];
       } else {
         for (int64_t k = 0; k < K; ++k) row[tb[k]] += g[k];
       }
       T* out = grad + (b * P + p) * N;
       for (int64_t j = 0; j < N; ++j) out[j] = static_cast<T>(row[j]);
     }
+  }
+}
+
+template <typename T, typename A>
+void aggregate_backward_kernel(const A* grad, T* out, int64_t B, int64_t H, int64_t P, int64_t N, A scale) {
+  const int64_t blocks = (P + kAggPixelBlock - 1) / kAggPixelBlock;
+  const int64_t items = B * H * blocks;
+#pragma omp parallel for schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t bh = it / blocks, b = bh / H, p0 = (it % blocks) * kAggPixelBlock;
+    const int64_t n = (std::min(P, p0 + kAggPixelBlock) - p0) * N;
+    const A* g = grad + (b * P + p0) * N;
+    T* o = out + (bh * P + p0) * N;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(g[i] * scale);
   }
 }
 
@@ -255,6 +299,21 @@ at::Tensor aggregate_attention_forward_cpu(const std::vector<at::Tensor>& layers
     aggregate_kernel<scalar_t, A>(src, heads, out.data_ptr<A>(), B, P, N, A(1) / static_cast<A>(total));
   });
   return out;
+}
+
+void aggregate_attention_backward_cpu(const at::Tensor& grad, double scale, at::Tensor& out) {
+  check_cpu_contiguous(grad, "grad");
+  check_cpu_contiguous(out, "out");
+  TORCH_CHECK(grad.dim() == 3 && out.dim() == 3 && out.size(0) % grad.size(0) == 0 && out.size(1) == grad.size(1) &&
+                  out.size(2) == grad.size(2),
+              "aggregate_attention backward: grad (B, P, N), out (B * heads, P, N)");
+  const int64_t B = grad.size(0), P = grad.size(1), N = grad.size(2), heads = out.size(0) / B;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aggregate_attention_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    TORCH_CHECK(grad.scalar_type() == c10::CppTypeToScalarType<A>::value, "grad must be in the accumulation dtype");
+    aggregate_backward_kernel<scalar_t, A>(grad.data_ptr<A>(), out.data_ptr<scalar_t>(), B, heads, P, N,
+                                           static_cast<A>(scale));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_losses_forward_cpu(const at::Tensor& maps, const at::Tensor& tokens,

@@ -13,6 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("noise"), py::arg("preds"), py::arg("weights"), py::arg("pixel_map"));
   m.def("aggregate_attention_forward", &compkern::aggregate_attention_forward_cpu,
         "aggregate_attention on CPU: list of (B, H_l, P, N) -> (B, P, N) mean over (layer, head)", py::arg("layers"));
+  m.def("aggregate_attention_backward", &compkern::aggregate_attention_backward_cpu,
+        "aggregate_attention backward on CPU: out (B * heads, P, N) = grad (B, P, N) * scale, in out's dtype",
+        py::arg("grad"), py::arg("scale"), py::arg("out"));
   m.def("attention_losses_forward", &compkern::attention_losses_forward_cpu,
         "attention_losses on CPU: maps, tokens, text_end, weights, softmax, scale -> (sep, en, arg)", py::arg("maps"),
         py::arg("tokens"), py::arg("text_end"), py::arg("weights"), py::arg("softmax"), py::arg("scale"));

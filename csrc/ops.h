@@ -16,6 +16,8 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> lift_partial_cpu(
     const at::Tensor& noise, const at::Tensor& preds, const at::Tensor& weights, bool pixel_map);
 // attention.cpp. aggregate_attention: layers (B, H_l, P, N) -> (B, P, N) mean over (layer, head), fp32 (fp64).
 at::Tensor aggregate_attention_forward_cpu(const std::vector<at::Tensor>& layers);
+// attention.cpp. aggregate_attention backward: out (B * heads, P, N) = grad (B, P, N) * scale, in out's dtype.
+void aggregate_attention_backward_cpu(const at::Tensor& grad, double scale, at::Tensor& out);
 // attention.cpp. attention_losses: maps (B, P, N), tokens (B, K) int64, text_end (B,) int64, weights (ks,)
 // -> (sep (B,), en (B,), arg (B, 3) int64 = (p_sep, k_en, q_en)); backward -> grad w.r.t. maps.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_losses_forward_cpu(const at::Tensor& maps, const at::Tensor& tokens,

@@ -38,10 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=77, help="N, text tokens")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4], help="object tokens K")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    parser.add_argument("--variants", nargs="+", default=["eager", "compile", "cpp"], choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                        help="default: eager compile cpp (triton instead of cpp on CUDA)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    parser.add_argument("--out", default=None, help="also append the markdown table to this file")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the rows here")
 
@@ -81,47 +84,79 @@ def _time(step, inputs, warmup: int, repeats: int, sync) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `compkern bench attention` and of `python -m compkern.experiments.bench_attention`.
+    Accepts this module's options, or the `compkern bench` dispatcher's (--reps, --threads,
+    --no-compile, --out; the other sizes take their defaults)."""
+    def opt(name, default):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    device = torch.device(opt("device", "cpu"))
+    variants = opt("variants", None)
+    if variants is None:
+        variants = ["eager", "cpp"] if opt("no_compile", False) else ["eager", "compile", "cpp"]
+        if device.type == "cuda":
+            variants = [v if v != "cpp" else "triton" for v in variants]
+    if opt("threads", None):
+        torch.set_num_threads(opt("threads", None))
+    lines, _ = benchmark(batch=opt("batch", 8), heads=opt("heads", 8), layers=opt("layers", 5),
+                         resolution=opt("resolution", 16), tokens=opt("tokens", 77), ks=opt("k", [2, 3, 4]),
+                         dtypes=opt("dtypes", ["fp32", "bf16"]), variants=variants,
+                         repeats=opt("repeats", None) or opt("reps", 30), warmup=opt("warmup", 3), device=device,
+                         json_path=opt("json", None))
+    if opt("out", None):
+        with open(opt("out", None), "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+def benchmark(*, batch: int, heads: int, layers: int, resolution: int, tokens: int, ks, dtypes, variants,
+              repeats: int, warmup: int, device: torch.device, json_path: str | None = None):
+    """Times every (dtype, K, variant); prints and returns (markdown lines, rows)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    B, H, L, R, N = args.batch, args.heads, args.layers, args.resolution, args.tokens
+    B, H, L, R, N = batch, heads, layers, resolution, tokens
     P = R * R
-    rows = []
-    print(f"attention_losses fwd+bwd: B={B} heads={H} layers={L} {R}x{R} N={N}, device={device}, "
-          f"threads={torch.get_num_threads()}, min / median of {args.repeats}")
-    print("| dtype | K | variant | min ms | median ms | speedup vs eager (min) |")
-    print("|---|---|---|---|---|---|")
-    for dname in args.dtypes:
+    rows, lines = [], []
+
+    def emit(line):
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"attention_losses fwd+bwd: B={B} heads={H} layers={L} {R}x{R} N={N}, device={device}, "
+         f"threads={torch.get_num_threads()}, min / median of {repeats}")
+    emit("")
+    emit("| dtype | K | variant | min ms | median ms | eager / variant (min) |")
+    emit("|---|---|---|---|---|---|")
+    for dname in dtypes:
         dtype = DTYPES[dname]
         g = torch.Generator().manual_seed(0)
-        layers = [torch.softmax(torch.randn(B * H, P, N, generator=g), -1).to(device=device, dtype=dtype).requires_grad_()
-                  for _ in range(L)]
-        for K in args.k:
-            tokens = (torch.arange(K, device=device) * 3 + 2)[None].expand(B, K).contiguous()
+        probs = [torch.softmax(torch.randn(B * H, P, N, generator=g), -1).to(device=device, dtype=dtype).requires_grad_()
+                 for _ in range(L)]
+        for K in ks:
+            tok = (torch.arange(K, device=device) * 3 + 2)[None].expand(B, K).contiguous()
             text_end = torch.full((B,), N - 1, dtype=torch.int64, device=device)
             base = None
-            for variant in args.variants:
+            for variant in variants:
                 try:
                     step = _make_step(variant, B, H, R)
-                    tmin, tmed = _time(step, (layers, tokens, text_end), args.warmup, args.repeats, sync)
+                    tmin, tmed = _time(step, (probs, tok, text_end), warmup, repeats, sync)
                 except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
-                    print(f"| {dname} | {K} | {variant} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |")
+                    emit(f"| {dname} | {K} | {variant} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |")
                     continue
                 if variant == "eager":
                     base = tmin
                 speed = f"{base / tmin:.2f}x" if base else "-"
-                print(f"| {dname} | {K} | {variant} | {tmin * 1e3:.3f} | {tmed * 1e3:.3f} | {speed} |", flush=True)
+                emit(f"| {dname} | {K} | {variant} | {tmin * 1e3:.3f} | {tmed * 1e3:.3f} | {speed} |")
                 rows.append(dict(dtype=dname, K=K, variant=variant, min_ms=tmin * 1e3, median_ms=tmed * 1e3,
                                  B=B, heads=H, layers=L, resolution=R, N=N, device=str(device)))
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
-    return rows
+    return lines, rows
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    run(parser.parse_args())
+    raise SystemExit(run(parser.parse_args()))

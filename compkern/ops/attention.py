@@ -120,7 +120,9 @@ def _check_losses(maps, token_indices, sigma, kernel_size, normalize, softmax_sc
     R = math.isqrt(P)
     if R * R != P or P == 0:
         raise ValueError(f"maps must have a square number of pixels P = h * w (h == w) on axis 1, got P = {P}")
-    if not bool(torch.isfinite(maps).all()):
+    # A finite sum implies finite elements (NaN and inf propagate); the full test only when it is not.
+    acc = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    if not bool(torch.isfinite(maps.sum(dtype=acc))) and not bool(torch.isfinite(maps).all()):
         raise ValueError("maps contains NaN or inf")
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
@@ -184,38 +186,41 @@ class _AggregateFn(torch.autograd.Function):
     materialized tensor per distinct (shape, dtype) for 3D layers, shared by all such layers."""
 
     @staticmethod
-    def forward(ctx, impl, B, *layers):
+    def forward(ctx, kernels, B, *layers):
+        fwd, ctx.fill = kernels
         views = [x.reshape(B, x.shape[0] // B, *x.shape[1:]) if x.dim() == 3 else x for x in layers]
         ctx.B = B
         ctx.metas = [(x.shape, x.dtype) for x in layers]
-        return impl(views)
+        return fwd(views)
 
     @staticmethod
     def backward(ctx, grad):
         B = ctx.B
         total = sum(shape[0] // B if len(shape) == 3 else shape[1] for shape, _ in ctx.metas)
-        g = grad * (1.0 / total)
+        grad = grad.contiguous()
         cache: dict = {}
         for shape, dtype in ctx.metas:
             key = (tuple(shape), dtype)
             if key in cache:
                 continue
             if len(shape) == 4:
-                cache[key] = g.to(dtype).unsqueeze(1).expand(shape)
+                cache[key] = (grad * (1.0 / total)).to(dtype).unsqueeze(1).expand(shape)
+                continue
+            out = torch.empty(shape, dtype=dtype, device=grad.device)
+            if ctx.fill is not None:
+                ctx.fill(grad, 1.0 / total, out)  # one pass: scale, broadcast over heads, convert
             else:
-                H = shape[0] // B
-                out = torch.empty((B, H, *shape[1:]), dtype=dtype, device=grad.device)
-                out.copy_(g.unsqueeze(1).expand(out.shape))
-                cache[key] = out.view(shape)
+                out.view(B, shape[0] // B, *shape[1:]).copy_((grad * (1.0 / total)).unsqueeze(1))
+            cache[key] = out
         return (None, None, *[cache[(tuple(shape), dtype)] for shape, dtype in ctx.metas])
-
-
-def _aggregate_torch(views):
-    return reference.aggregate_attention(views)
 
 
 def _aggregate_cpp(views):
     return _dispatch.cpp_module().aggregate_attention_forward([v.contiguous() for v in views])
+
+
+def _aggregate_cpp_fill(grad, scale, out):
+    _dispatch.cpp_module().aggregate_attention_backward(grad, scale, out)
 
 
 def _aggregate_triton(views):
@@ -223,7 +228,7 @@ def _aggregate_triton(views):
     return aggregate_attention_forward([v.contiguous() for v in views])
 
 
-AGGREGATE_IMPLS = {"torch": _aggregate_torch, "cpp": _aggregate_cpp, "triton": _aggregate_triton}
+AGGREGATE_IMPLS = {"torch": "torch", "cpp": (_aggregate_cpp, _aggregate_cpp_fill), "triton": (_aggregate_triton, None)}
 
 
 def aggregate_attention(layer_probs: Sequence[torch.Tensor] | torch.Tensor, *, resolution: int = 16,
@@ -239,8 +244,8 @@ def aggregate_attention(layer_probs: Sequence[torch.Tensor] | torch.Tensor, *, r
     Differentiable w.r.t. every layer."""
     layers, views = _layer_views(layer_probs, resolution, heads, batch_size)
     impl = _dispatch.resolve("aggregate_attention", backend, views[0].device, AGGREGATE_IMPLS)
-    if impl is _aggregate_torch:
-        return impl(views)
+    if impl == "torch":
+        return reference.aggregate_attention(views)
     return _AggregateFn.apply(impl, views[0].shape[0], *layers)
 
 

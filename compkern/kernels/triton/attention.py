@@ -172,7 +172,8 @@ def _round_to_bf16_rtne(x):
     """fp32 -> the nearest bf16 value (ties to even), still fp32: the later .to(bfloat16) is exact.
     (The Triton CPU interpreter truncates fp32 -> bf16; GPUs round to nearest even.)"""
     u = x.to(tl.uint32, bitcast=True)
-    u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+    u = u + (0x7FFF + ((u >> 16) & 1))
+    u = (u >> 16) << 16
     return u.to(tl.float32, bitcast=True)
 
 
