@@ -51,13 +51,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damping", type=float, default=0.5, help="HMC partial momentum refresh (RRR: 0.5)")
     p.add_argument("--clip-x0", type=float, default=2.5, help="clamp predicted x0 in every diffusion step (0: off)")
     p.add_argument("--n-samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data and training seed")
+    p.add_argument("--sample-seed", type=int, default=None, help="sampling seed (default: --seed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the main table: the product task with each MCMC kind at several step sizes "
                         "(writes OUT/sweep.json)")
     p.add_argument("--sweep-factors", default="0.25,1,4", help="step-size multipliers for --sweep")
+    p.add_argument("--sweep-steps", default=None,
+                   help="absolute ULA/MALA step sizes for --sweep (comma list; overrides --sweep-factors for them)")
+    p.add_argument("--sweep-kinds", default="ula,mala,hmc", help="MCMC kinds for --sweep")
+    p.add_argument("--sweep-out", default="sweep.json", help="file name (in OUT) of the --sweep results")
 
 
 def _models(args, schedule):
@@ -150,13 +155,14 @@ def run(args: argparse.Namespace) -> int:
             p.requires_grad_(False)
 
     results = {"config": {k: v for k, v in vars(args).items()}, "train": train, "components": {}, "tasks": {}}
-    g_ref = torch.Generator().manual_seed(args.seed + 1)
+    ss = args.seed if args.sample_seed is None else args.sample_seed
+    g_ref = torch.Generator().manual_seed(ss + 1)
     # how well each model fits each single component (reverse diffusion, one condition)
     for k, comp in enumerate(comps):
         ref = comp.sample(args.n_samples, generator=g_ref)
         row = {}
         for name, model in zip(("eps_model", "energy_model"), models):
-            g = torch.Generator().manual_seed(args.seed + 10 + k)
+            g = torch.Generator().manual_seed(ss + 10 + k)
             c = product(model, [k])
             with torch.no_grad():
                 xs = ddpm_sample(c, torch.randn(args.n_samples, 2, generator=g), schedule, num_steps=args.levels,
@@ -177,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         rows = {"exact": {**_scores(target, exact, thr, ref), "evals_per_sample": 0}}
         panel = [(f"exact {target.name}", exact)]
         for mi, method in enumerate(METHODS):
-            g = torch.Generator().manual_seed(args.seed + 100 + mi)
+            g = torch.Generator().manual_seed(ss + 100 + mi)
             x_T = torch.randn(args.n_samples, 2, generator=g)
             t0 = time.time()
             with torch.no_grad():
@@ -200,11 +206,12 @@ def run(args: argparse.Namespace) -> int:
         results["tasks"][tname] = {"target": target.name, "methods": rows}
         panels.append(panel)
         row_names.append(tname)
-    png = Path(args.png) if args.png else out / "toy2d.png"
+    png = Path(args.png) if args.png else out / ("toy2d.png" if args.sample_seed is None else f"toy2d_s{ss}.png")
     _plot(png, panels, row_names)
-    atomic_write_json(results, out / "results.json")
+    res_path = out / ("results.json" if args.sample_seed is None else f"results_s{ss}.json")
+    atomic_write_json(results, res_path)
     print(_table(results))
-    print(f"wrote {out / 'results.json'} and {png}")
+    print(f"wrote {res_path} and {png}")
     return 0
 
 
@@ -214,27 +221,39 @@ def _sweep(args, task, models, schedule, g_ref, out: Path, results: dict) -> int
     thr = hdr_threshold(target, target.sample(20000, generator=g_ref))
     ref = target.sample(args.n_samples, generator=g_ref)
     rows = []
-    for method in ("ula", "mala", "hmc"):
-        for f in (float(v) for v in args.sweep_factors.split(",")):
+    for method in args.sweep_kinds.split(","):
+        key = f"{method}_step"
+        if args.sweep_steps and method != "hmc":
+            steps = [float(v) for v in args.sweep_steps.split(",")]
+        else:
+            steps = [getattr(args, key) * float(f) for f in args.sweep_factors.split(",")]
+        for step in steps:
             a = argparse.Namespace(**vars(args))
-            key = f"{method}_step"
-            setattr(a, key, getattr(args, key) * f)
-            g = torch.Generator().manual_seed(args.seed + 200)
+            setattr(a, key, step)
+            g = torch.Generator().manual_seed((args.seed if args.sample_seed is None else args.sample_seed) + 200)
             t0 = time.time()
-            r = _sample(method, task, models, schedule, a, torch.randn(args.n_samples, 2, generator=g), g)
+            try:
+                r = _sample(method, task, models, schedule, a, torch.randn(args.n_samples, 2, generator=g), g)
+            except FloatingPointError as e:  # ULA can diverge at large steps: record it, go on
+                rows.append({"method": method, "step": step, "diverged": str(e)})
+                print(f"method={method} step={step} diverged: {e}", flush=True)
+                continue
             s = {"method": method, "step": getattr(a, key), **_scores(target, r["x"], thr, ref),
                  "evals_per_sample": round(r["n_evals"] / args.n_samples, 1), "seconds": round(time.time() - t0, 2),
                  "accept_mean": None if r["accept"] is None else round(float(r["accept"].mean()), 3)}
             rows.append(s)
             print(" ".join(f"{k}={v}" for k, v in s.items()), flush=True)
     results["sweep"] = rows
-    atomic_write_json(results, out / "sweep.json")
+    atomic_write_json(results, out / args.sweep_out)
     lines = ["| method | step | in 95% HDR | energy dist. | accept (mean) | model evals / sample |", "|---|---|---|---|---|---|"]
     for s in rows:
+        if "diverged" in s:
+            lines.append(f"| {s['method']} | {s['step']:g} | diverged | | | |")
+            continue
         acc = "-" if s["accept_mean"] is None else f"{s['accept_mean']:.2f}"
         lines.append(f"| {s['method']} | {s['step']:g} | {s['hdr95']:.3f} | {s['energy_dist']:.4f} | {acc} | {s['evals_per_sample']:g} |")
     print("\n".join(lines))
-    print(f"wrote {out / 'sweep.json'}")
+    print(f"wrote {out / args.sweep_out}")
     return 0
 
 
