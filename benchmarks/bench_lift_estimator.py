@@ -1,6 +1,6 @@
 """Lift estimators on a model whose lift is known exactly: sign agreement vs model rows.
 
-The model: four isotropic Gaussian classes in 2-D (means (+-1, +-1), std 0.5), the null being
+The model: four isotropic Gaussian classes in 2-D (means (+-s, +-s), s = --spread, std 0.5), the null being
 their mixture, eps in closed form (compkern.lift.exact). x0: 1000 samples drawn from the null by
 50-step DDPM with ComposedEps(record=True) (the record feeds the cached estimator). The truth: the
 estimand E_{t~U[0,1000), eps}[d] of every estimator, by Gauss-Hermite quadrature over eps at every
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compkern.lift import calibrate_t_probs, estimate_lift
+from compkern.lift import calibrate, estimate_lift
 from compkern.lift.exact import GaussianClassesEps
 from compkern.models import NoiseSchedule
 from compkern.samplers import ComposedEps, ddpm_sample
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--nodes", type=int, default=10, help="Gauss-Hermite nodes per dimension for the truth")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spread", type=float, default=1.0, help="class means at (+-spread, +-spread), std 0.5")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cache", default="runs/bench_cache", help="folder caching the quadrature truth")
     ap.add_argument("--threads", type=int, default=1)
@@ -39,7 +40,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     sched = NoiseSchedule.ddpm_linear(1000)
-    means = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
+    means = args.spread * torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
     model = GaussianClassesEps(means, torch.full((4,), 0.5), sched)
     K, B = 4, args.samples
     conds, null = [0, 1, 2, 3], model.null_id
@@ -49,7 +50,7 @@ def main() -> None:
     x0 = ddpm_sample(eps_fn, torch.randn(B, 2, generator=g), sched, num_steps=50, generator=g)
     record = eps_fn.record
     t0 = time.time()
-    cache = Path(args.cache) / f"lift_truth_B{B}_seed{args.seed}_nodes{args.nodes}.pt"
+    cache = Path(args.cache) / f"lift_truth_B{B}_seed{args.seed}_nodes{args.nodes}_spread{args.spread}.pt"
     if cache.exists() and torch.equal(torch.load(cache)["x0"], x0):
         truth = torch.load(cache)["truth"]
     else:
@@ -62,7 +63,8 @@ def main() -> None:
 
     pilot_x = ddpm_sample(ComposedEps(model, [null, *conds], torch.zeros(K)), torch.randn(64, 2, generator=g),
                           sched, num_steps=50, generator=g)
-    probs, pilot_rows = calibrate_t_probs(model, pilot_x, conds, null, sched, n_trials=16, generator=g)
+    cal = calibrate(model, pilot_x, conds, null, sched, n_trials=16, generator=g)
+    pilot_rows = cal.rows
     print(f"pilot: {pilot_rows} rows on 64 samples = {pilot_rows / (K * B):.2f} rows per decision of this batch")
 
     def public(n):  # the public code: per condition, the null recomputed on its own rows
@@ -79,17 +81,21 @@ def main() -> None:
             return r.lift, r.n_evals + extra_rows
         return f
 
+    ad = dict(adaptive=True, calibration=cal, chunk_trials=2, min_trials=2)
     methods = {
         "public 50 trials (null per condition)": lambda: public(50),
         "fixed 50, shared null": run(n_trials=50, stratified=False, chunk_trials=50),
         "fixed 1000, shared null": run(n_trials=1000, stratified=False, chunk_trials=250),
         "cached (50 sampler steps, free)": run(n_trials=0, record=record),
-        "adaptive z=3, uniform t (plain sequential)": run(n_trials=200, adaptive=True, z=3, chunk_trials=4, stratified=False),
-        "adaptive z=3, importance t, stratified": run(pilot_rows, n_trials=200, adaptive=True, z=3, chunk_trials=4, t_probs=probs),
-        "adaptive z=3, importance t, stratified, antithetic": run(pilot_rows, n_trials=200, adaptive=True, z=3, chunk_trials=4, t_probs=probs, antithetic=True),
-        "adaptive z=2.5, importance t, stratified, chunk 2": run(pilot_rows, n_trials=200, adaptive=True, z=2.5, chunk_trials=2, min_trials=4, t_probs=probs),
-        "adaptive z=3, importance t, stratified, chunk 2": run(pilot_rows, n_trials=200, adaptive=True, z=3, chunk_trials=2, min_trials=4, t_probs=probs),
-        "cached + adaptive fresh (z=3, importance t)": run(pilot_rows, n_trials=200, adaptive=True, z=3, chunk_trials=4, t_probs=probs, record=record),
+        "plain sequential (z=3, uniform t, shared null)": run(n_trials=200, adaptive=True, z=3, chunk_trials=4, stratified=False),
+        "adaptive z=2.5, cap 200": run(pilot_rows, n_trials=200, z=2.5, **ad),
+        "adaptive z=2.5, cap 48": run(pilot_rows, n_trials=48, z=2.5, **ad),
+        "adaptive z=2, cap 200": run(pilot_rows, n_trials=200, z=2.0, **ad),
+        "adaptive z=2, cap 32": run(pilot_rows, n_trials=32, z=2.0, **ad),
+        "ablation: z=2.5 cap 200, importance t only (no moderation)": run(pilot_rows, n_trials=200, adaptive=True, z=2.5, chunk_trials=2, min_trials=4, t_probs=cal.t_probs),
+        "ablation: z=2.5 cap 200, moderated, antithetic eps": run(pilot_rows, n_trials=200, z=2.5, antithetic=True, **ad),
+        "ablation: z=2.5 cap 200, moderated, iid t (not stratified)": run(pilot_rows, n_trials=200, z=2.5, stratified=False, **ad),
+        "cached + adaptive fresh (z=2.5, cap 48)": run(pilot_rows, n_trials=48, z=2.5, record=record, **ad),
     }
     if args.only:
         keep = args.only.split(",")
@@ -108,7 +114,7 @@ def main() -> None:
                          "rows_per_decision": rpd})
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"samples": B, "K": K, "decisions": K * B, "pilot_rows": pilot_rows, "results": rows_out}, fh, indent=2)
+            json.dump({"samples": B, "spread": args.spread, "K": K, "decisions": K * B, "pilot_rows": pilot_rows, "results": rows_out}, fh, indent=2)
 
 
 if __name__ == "__main__":
