@@ -67,9 +67,9 @@ def test_ddim_with_exact_eps_recovers_gaussian():
 
     g = torch.Generator().manual_seed(0)
     for sampler, steps in ((ddim_sample, 50), (ddpm_sample, 1000)):  # ancestral needs fine steps
-        x = sampler(eps_fn, torch.randn(20000, 2, generator=g), s, num_steps=steps, generator=g)
-        assert torch.allclose(x.mean(0), mu, atol=0.05), (sampler.__name__, x.mean(0))
-        assert torch.allclose(x.std(0), sd, atol=0.05), (sampler.__name__, x.std(0))
+        x = sampler(eps_fn, torch.randn(5000, 2, generator=g), s, num_steps=steps, generator=g)
+        assert torch.allclose(x.mean(0), mu, atol=0.08), (sampler.__name__, x.mean(0))
+        assert torch.allclose(x.std(0), sd, atol=0.08), (sampler.__name__, x.std(0))
 
 
 def test_composed_eps_records_and_counts():
