@@ -168,6 +168,11 @@ def test_complift_fixed_and_adaptive():
     assert fixed["n_evals"] == 4 * 3 * 3  # trials x (null + 2 objects) x samples
     ad = P.complift_accept(model, x, pos, adaptive=True, n_trials=8, generator=torch.Generator().manual_seed(0))
     assert ad["accept"].shape == (3,) and 0 < ad["n_evals"] <= 8 * 3 * 3
+    bg = P.complift_accept(model, x, pos, adaptive=False, n_trials=4, lift_base="background",
+                           generator=torch.Generator().manual_seed(0))
+    assert bg["n_evals"] == fixed["n_evals"]
+    with pytest.raises(ValueError, match="lift_base"):
+        P.complift_accept(model, x, pos, adaptive=False, n_trials=4, lift_base="empty")
 
 
 def test_train_resume_and_eval_cli(tmp_path):
@@ -191,6 +196,7 @@ def test_train_resume_and_eval_cli(tmp_path):
     row = res["eps:reverse:background:2"]
     assert row["evals_per_sample"] == 2 * 3 and 0 <= row["accuracy"] <= 1
     assert row["lift_fixed"]["lift_evals_per_sample"] == 2 * 3
+    assert row["lift_fixed_bg"]["lift_evals_per_sample"] == 2 * 3 and "lift_adaptive_bg" in row
     assert (tmp_path / "grid.png").stat().st_size > 0
     stamp = out.read_text()
     assert P.run(parser.parse_args(argv)) == 0  # resumes: nothing recomputed

@@ -10,7 +10,8 @@ The model learns p(x | one object at (x, y)), p(x | empty scene) and p(x). n obj
 log p(x | y_1..y_n) = log p(x | base) + sum_i (log p(x | y_i) - log p(x | base)), the base being the
 unconditional null (Composable Diffusion) or the empty background (projective composition,
 Bradley et al. 2025). Samplers: reverse diffusion (DDIM / DDPM), annealed ULA / MALA / HMC (energy
-model), each optionally followed by CompLift rejection (lift of every y_i against the null > 0).
+model), each optionally followed by CompLift rejection (lift of every y_i > 0, against the null as in
+CompLift, or against the empty background).
 Accuracy: the training-free detector of compkern.data.clevr. Training and evaluation resume
 (eval writes one JSON entry per cell as it finishes).
 """
@@ -81,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--lift-trials", type=int, default=32, help="CompLift fixed trials per sample")
     ev.add_argument("--lift-max-trials", type=int, default=64, help="CompLift adaptive: most trials per pair")
     ev.add_argument("--no-lift", action="store_true")
+    ev.add_argument("--lift-bases", nargs="+", choices=["null", "background"], default=["null", "background"],
+                    help="reference of the lift: null (CompLift's log p(x|y) - log p(x)) and/or background "
+                         "(log p(x|y) - log p(x|empty scene))")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threshold", type=float, default=0.1, help="detection distance threshold (normalized)")
     ev.add_argument("--out", default="runs/positions/eval.json")
@@ -168,7 +172,7 @@ def _train(args) -> int:
 
 # -- composition and sampling ---------------------------------------------------------------------
 METHODS = {"reverse": "reverse diffusion", "ula": "annealed ULA", "mala": "annealed MALA", "hmc": "annealed HMC"}
-DEFAULT_STEP = {"ula": 0.05, "mala": 0.05, "hmc": 0.1}
+DEFAULT_STEP = {"ula": 0.1, "mala": 0.1, "hmc": 0.3}  # MALA / HMC acceptance ~0.9-1 at half these (tuning log)
 
 
 def composition_conds(positions: torch.Tensor, base: str) -> torch.Tensor:
@@ -213,9 +217,10 @@ def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", b
 
 
 def complift_accept(lift_model, x: torch.Tensor, positions: torch.Tensor, *, adaptive: bool, n_trials: int,
-                    generator: torch.Generator | None = None) -> dict:
-    """CompLift's rejection: keep a scene when the lift of every requested object against the
-    null is > 0 (fixed: ``n_trials`` trials each; adaptive: stop per sample once the AND is
+                    lift_base: str = "null", generator: torch.Generator | None = None) -> dict:
+    """CompLift's rejection: keep a scene when the lift of every requested object is > 0, the lift
+    taken against ``lift_base``: "null" (CompLift: log p(x|y) - log p(x)) or "background"
+    (log p(x|y) - log p(x|empty scene)) (fixed: ``n_trials`` trials each; adaptive: stop per sample once the AND is
     certain at z = 2, at most ``n_trials`` per object). Returns {"accept": (B,) bool, "n_evals"}."""
     from compkern.lift import estimate_lift, parse
 
@@ -224,7 +229,10 @@ def complift_accept(lift_model, x: torch.Tensor, positions: torch.Tensor, *, ada
         return {"accept": torch.ones(x.shape[0], dtype=torch.bool), "n_evals": 0}
     conds = position_cond(positions).transpose(0, 1).contiguous()  # (n, B, 3)
     expr = parse(" AND ".join(f"o{i}" for i in range(n)))
-    res = estimate_lift(lift_model, x, conds, null_cond(), schedule(), n_trials=n_trials, adaptive=adaptive,
+    if lift_base not in ("null", "background"):
+        raise ValueError(f"lift_base must be 'null' or 'background', got {lift_base!r}")
+    ref = null_cond() if lift_base == "null" else background_cond()
+    res = estimate_lift(lift_model, x, conds, ref, schedule(), n_trials=n_trials, adaptive=adaptive,
                         expr=expr if adaptive else None, z=2.0, min_trials=4, chunk_trials=4 if adaptive else 8,
                         generator=generator)
     return {"accept": expr.accept(res.lift), "n_evals": int(res.n_evals)}
@@ -285,9 +293,11 @@ def _eval(args) -> int:
                    "steps": args.steps, "mcmc_steps": args.mcmc_steps,
                    "step_size": None if method == "reverse" else (args.step_size or DEFAULT_STEP[method])}
             if lift_model is not None:
-                for mode, adaptive, trials in (("fixed", False, args.lift_trials), ("adaptive", True, args.lift_max_trials)):
+                for lift_base, (mode, adaptive, trials) in ((lb, m) for lb in args.lift_bases for m in (
+                        ("fixed", False, args.lift_trials), ("adaptive", True, args.lift_max_trials))):
                     lr = complift_accept(lift_model, r["x"], positions, adaptive=adaptive, n_trials=trials,
-                                         generator=torch.Generator().manual_seed(args.seed + 7))
+                                         lift_base=lift_base, generator=torch.Generator().manual_seed(args.seed + 7))
+                    mode = mode if lift_base == "null" else f"{mode}_bg"
                     acc = lr["accept"]
                     k = int(acc.sum())
                     row[f"lift_{mode}"] = {
@@ -299,7 +309,7 @@ def _eval(args) -> int:
             results[key] = row
             atomic_write_json(results, out)
             sample_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"x": r["x"][:8].clone(), "positions": positions[:8].clone(), "correct": correct[:8].clone()},
+            torch.save({"x": r["x"].clone(), "positions": positions.clone(), "correct": correct.clone()},
                        sample_dir / f"{key.replace(':', '_')}.pt")
             print(f"{key}: acc {row['accuracy']:.3f} ({row['seconds_total']:.0f} s)", flush=True)
     print(format_table(results))
@@ -317,7 +327,7 @@ def format_table(results: dict) -> str:
     lines = [head, "|" + "---|" * (5 + len(ns))]
     for c in cells:
         rows = {r["objects"]: r for r in results.values() if (r["model"], r["method"], r["base"]) == c}
-        for variant in ("plain", "lift_fixed", "lift_adaptive"):
+        for variant in ("plain", "lift_fixed", "lift_adaptive", "lift_fixed_bg", "lift_adaptive_bg"):
             vals, ev = [], ""
             for n in ns:
                 r = rows.get(n)
@@ -333,7 +343,9 @@ def format_table(results: dict) -> str:
                     ev = "-" if v["evals_per_accepted"] is None else f"{v['evals_per_accepted']:.0f}"
             if all(v == "-" for v in vals):
                 continue
-            name = {"plain": "-", "lift_fixed": "+ CompLift fixed", "lift_adaptive": "+ CompLift adaptive"}[variant]
+            name = {"plain": "-", "lift_fixed": "+ CompLift fixed", "lift_adaptive": "+ CompLift adaptive",
+                    "lift_fixed_bg": "+ CompLift fixed, lift vs background",
+                    "lift_adaptive_bg": "+ CompLift adaptive, lift vs background"}[variant]
             lines.append(f"| {c[0]} | {METHODS[c[1]]} | {c[2]} | {name} | " + " | ".join(vals) + f" | {ev} |")
     return "\n".join(lines)
 
