@@ -165,3 +165,23 @@ def test_bad_inputs():
         annealed_mcmc(product(m, [0, 1]), x, SCHED, steps_per_level=0)
     with pytest.raises(TypeError, match="x_T"):
         annealed_mcmc(product(m, [0, 1]), x.long(), SCHED)
+
+
+def test_mixture_eps_is_scaled_gradient_of_its_energy():
+    m = GaussianEnergyModel([[-1.0, 0.0], [1.0, 0.5]], [[0.3, 0.3], [0.5, 0.2]], SCHED)
+    comp = mixture(m, [0, 1], weights=[1.0, 3.0])
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.full((6,), 30)
+    E, eps = comp.energy_and_eps(x, t)
+    (g,) = torch.autograd.grad(E.sum(), x)
+    sigma = float((1 - SCHED.alphas_cumprod[30]).sqrt())
+    torch.testing.assert_close(eps, sigma * g)
+
+
+def test_mismatched_conditions():
+    m = GaussianEnergyModel(MUS, STDS, SCHED)
+    comp = product(m, torch.zeros(2, 3, dtype=torch.long))  # per-sample conds for B = 3
+    with pytest.raises(ValueError, match="condition-major"):
+        comp.energy_and_eps(torch.randn(4, 2), torch.full((4,), 5))
+    with pytest.raises(ValueError, match="t must have shape"):
+        product(m, [0, 1]).energy_and_eps(torch.randn(4, 2), torch.full((3,), 5))
