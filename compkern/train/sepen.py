@@ -336,7 +336,7 @@ class SepEnFinetuner:
             maps = self.store.maps()
         sep, en = prompt_losses(maps, specs, sigma=cfg.sigma, kernel_size=cfg.kernel_size, backend=cfg.backend)
         loss = cfg.w_sep * sep.mean() + cfg.w_en * en.mean()
-        out = {"sep": float(sep.mean()), "en": float(en.mean())}
+        out = {"sep": float(sep.detach().mean()), "en": float(en.detach().mean())}
         if cfg.w_norm > 0:
             j = torch.randint(0, len(self.norm_x0), (cfg.norm_batch,), generator=g)
             nx0 = self.norm_x0[j]
@@ -429,5 +429,5 @@ class SepEnGuidance:
         eps = eps.detach()
         eps = eps[:B] + self.guidance_scale * (eps[B:] - eps[:B])
         s = self.model.schedule.sqrt_one_minus_abar(t, x)
-        self.history.append({"t": tt, "sep": float(sep.mean()), "en": float(en.mean())})
+        self.history.append({"t": tt, "sep": float(sep.detach().mean()), "en": float(en.detach().mean())})
         return eps + alpha * s * grad
