@@ -137,6 +137,15 @@ def test_large_image_cpp_splits_rows():
     _check_against_reference(part, noise, preds, weights, True, "cpp large")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_conditions_cpp(dtype):
+    """K = 9: beyond the register-accumulator kernels (K <= 8), the portable C++ loop runs."""
+    _need("cpp")
+    noise, preds, weights = _inputs(2, 9, 2, (3, 11, 7), dtype, "TB")
+    part = lift_partial(noise, preds, weights=weights, pixel_map=True, backend="cpp")
+    _check_against_reference(part, noise, preds, weights, True, f"cpp K=9 {dtype}")
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_non_contiguous_and_mixed_dtype_inputs(backend):
     _need(backend)
