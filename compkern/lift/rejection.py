@@ -9,7 +9,7 @@ just before a crash, but not yet listed in state.json, is simply rewritten with 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +41,6 @@ class RejectionResult:
     finished: bool
     lifts: torch.Tensor | None = None
     rejected: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
