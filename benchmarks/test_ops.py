@@ -3,17 +3,23 @@ torch eager reference vs torch.compile of it vs the C++ kernels.
 
     python -m pytest benchmarks/test_ops.py --benchmark-columns=min,median,rounds
     python -m pytest benchmarks/test_ops.py -k "lift and cpp"           # one implementation
+    COMPKERN_BENCH_THREADS=1 python -m pytest benchmarks/test_ops.py     # one thread (a busy machine)
 
 Each benchmark records the bytes the op must move and the GB/s at its minimum time in
 ``extra_info``. For the table against the copy-bandwidth floor, run `compkern bench ops`.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from compkern import _dispatch
 from compkern.experiments.bench import Config, implementations, make_inputs, op_bytes
+
+if os.environ.get("COMPKERN_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["COMPKERN_BENCH_THREADS"]))
 
 CASES = [
     Config("combine_eps", 16, 4, 0, torch.float32),
