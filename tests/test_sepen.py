@@ -129,7 +129,7 @@ def test_losses_drop_on_fixed_batch_updating_to_k_only(parts):
             model(x, t, states)
             sep, en = prompt_losses(store.maps(), [spec] * 4, backend="torch")
         loss = sep.mean() + en.mean()  # balanced: with Enhance at 0.5, Separate wins by silencing a token
-        totals.append(float(loss))
+        totals.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
