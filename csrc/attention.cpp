@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -36,10 +37,37 @@ namespace {
 
 constexpr int64_t kAggPixelBlock = 8;  // pixels per work item of aggregate_attention
 
+// Element i of src in the accumulation type. bf16 by a bit shift and fp32 -> bf16 by a branch-free
+// round to nearest even (finite values), so that loops over them vectorize (c10's conversions
+// do not).
+template <typename T, typename A>
+inline A load_acc(const T* __restrict src, int64_t i) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(src)[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    return static_cast<A>(src[i]);
+  }
+}
+
+template <typename T, typename A>
+inline void store_from_acc(T* __restrict dst, int64_t i, A v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    reinterpret_cast<uint16_t*>(dst)[i] = static_cast<uint16_t>(u >> 16);
+  } else {
+    dst[i] = static_cast<T>(v);
+  }
+}
+
 template <typename T, typename A>
 inline void accumulate_row(const T* __restrict src, A* __restrict dst, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<A>(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] += load_acc<T, A>(src, i);
 }
 
 template <typename T, typename A>
@@ -92,10 +120,10 @@ template <typename T, typename A>
 inline void row_stats(const T* x, int64_t end, A scale, A& mx, A& Z) {
   A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 1; j < end; ++j) m = std::max(m, static_cast<A>(x[j]));
+  for (int64_t j = 1; j < end; ++j) m = std::max(m, load_acc<T, A>(x, j));
   A z = 0;
 #pragma omp simd reduction(+ : z)
-  for (int64_t j = 1; j < end; ++j) z += fexp(scale * (static_cast<A>(x[j]) - m));
+  for (int64_t j = 1; j < end; ++j) z += fexp(scale * (load_acc<T, A>(x, j) - m));
   mx = m;
   Z = z;
 }
@@ -265,7 +293,7 @@ void aggregate_backward_kernel(const A* grad, T* out, int64_t B, int64_t H, int6
     const A* g = grad + (b * P + p0) * N;
     T* o = out + (bh * P + p0) * N;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(g[i] * scale);
+    for (int64_t i = 0; i < n; ++i) store_from_acc<T, A>(o, i, g[i] * scale);
   }
 }
 

@@ -10,7 +10,8 @@ probabilities -> aggregate (B, P, N) -> Separate / Enhance losses -> gradients w
   triton   compkern.ops with backend="triton" (CUDA only)
 
 Times are the minimum (and median) over --repeats runs after warm-up; the CPU is shared, so the
-minimum is the figure to compare.
+minimum is the figure to compare. `--threads 1 --clock cpu` times this thread's CPU time (all
+variants then run in the calling thread), which other processes on the cores barely disturb.
 
     python -m compkern.experiments.bench_attention [--k 2 3 4] [--dtypes fp32 bf16] [--repeats 30]
 """
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     parser.add_argument("--out", default=None, help="also append the markdown table to this file")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this thread's CPU time (needs --threads 1; robust on a shared CPU)")
     parser.add_argument("--json", default=None, help="write the rows here")
 
 
@@ -71,16 +74,19 @@ def _make_step(variant: str, B: int, H: int, R: int):
     return step
 
 
-def _time(step, inputs, warmup: int, repeats: int, sync) -> tuple[float, float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _time(step, inputs, warmup: int, repeats: int, sync, clock=time.perf_counter) -> tuple[float, float]:
     for _ in range(warmup):
         step(*inputs)
     sync()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         step(*inputs)
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return min(times), statistics.median(times)
 
 
@@ -100,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
             variants = [v if v != "cpp" else "triton" for v in variants]
     if opt("threads", None):
         torch.set_num_threads(opt("threads", None))
-    lines, _ = benchmark(batch=opt("batch", 8), heads=opt("heads", 8), layers=opt("layers", 5),
+    clock = opt("clock", "wall")
+    if clock == "cpu" and (torch.get_num_threads() != 1 or device.type != "cpu"):
+        raise SystemExit("--clock cpu needs --threads 1 on the CPU (the CPU time of one thread)")
+    lines, _ = benchmark(clock=clock, batch=opt("batch", 8), heads=opt("heads", 8), layers=opt("layers", 5),
                          resolution=opt("resolution", 16), tokens=opt("tokens", 77), ks=opt("k", [2, 3, 4]),
                          dtypes=opt("dtypes", ["fp32", "bf16"]), variants=variants,
                          repeats=opt("repeats", None) or opt("reps", 30), warmup=opt("warmup", 3), device=device,
@@ -111,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def benchmark(*, batch: int, heads: int, layers: int, resolution: int, tokens: int, ks, dtypes, variants,
+def benchmark(*, clock: str = "wall", batch: int, heads: int, layers: int, resolution: int, tokens: int, ks, dtypes, variants,
               repeats: int, warmup: int, device: torch.device, json_path: str | None = None):
     """Times every (dtype, K, variant); prints and returns (markdown lines, rows)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -124,7 +133,7 @@ def benchmark(*, batch: int, heads: int, layers: int, resolution: int, tokens: i
         lines.append(line)
 
     emit(f"attention_losses fwd+bwd: B={B} heads={H} layers={L} {R}x{R} N={N}, device={device}, "
-         f"threads={torch.get_num_threads()}, min / median of {repeats}")
+         f"threads={torch.get_num_threads()}, clock={clock}, min / median of {repeats}")
     emit("")
     emit("| dtype | K | variant | min ms | median ms | eager / variant (min) |")
     emit("|---|---|---|---|---|---|")
@@ -140,7 +149,7 @@ def benchmark(*, batch: int, heads: int, layers: int, resolution: int, tokens: i
             for variant in variants:
                 try:
                     step = _make_step(variant, B, H, R)
-                    tmin, tmed = _time(step, (probs, tok, text_end), warmup, repeats, sync)
+                    tmin, tmed = _time(step, (probs, tok, text_end), warmup, repeats, sync, CLOCKS[clock])
                 except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
                     emit(f"| {dname} | {K} | {variant} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |")
                     continue
