@@ -136,3 +136,30 @@ def test_bad_backend():
         combine_eps(preds, weights, backend="cuda")
     with pytest.raises(TypeError, match="backend"):
         combine_eps(preds, weights, backend=None)
+
+
+_CUDA_COMPILE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from compkern.kernels.triton.combine import _combine_eps_kernel
+sig = {"preds_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16", "B": "i32", "N": "i32", "K": "i32",
+       "BLOCK": "constexpr", "ACC": "constexpr", "OUT_BF16": "constexpr"}
+src = ASTSource(fn=_combine_eps_kernel, signature=sig, constexprs={"BLOCK": 1024, "ACC": tl.float32, "OUT_BF16": True})
+print(len(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]))
+"""
+
+
+def test_triton_kernel_lowers_for_cuda():
+    """No GPU here: compile the kernel for sm_90 (the real, non-interpreted pipeline down to PTX)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _CUDA_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) > 1000
