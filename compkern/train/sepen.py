@@ -346,7 +346,7 @@ class SepEnFinetuner:
             pred = model.raw(nxt.to(p.device, p.dtype), nt.to(p.device), self.norm_states[j].to(p.device, p.dtype))
             norm = torch.nn.functional.mse_loss(pred.float(), model.target(nx0, noise, nt).to(p.device).float())
             loss = loss + cfg.w_norm * norm
-            out["norm"] = float(norm)
+            out["norm"] = float(norm.detach())
         out["loss"] = loss
         return out
 
