@@ -225,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
         f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}",
         "", HEADER, RULE,
     ]
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if args.clock == "wall" and load > cores:
+        lines.insert(2, f"warning: load average {load:.1f} on {cores} cores: other processes hold the cores and wall "
+                        "times (the copy bandwidth's too) are unreliable; `--threads 1 --clock cpu` is robust to that")
     print("\n".join(lines), flush=True)
     gen = torch.Generator().manual_seed(0)
     for cfg in configs(args.full):
