@@ -100,8 +100,7 @@ def _common_dtype(noise, preds):
 
 def _cpp(noise, preds, weights, pixel_map):
     noise, preds = _common_dtype(noise, preds)
-    sum_wd, sum_wd2, pixel = _dispatch.cpp_module().lift_partial(noise, preds, weights, pixel_map)
-    return sum_wd, sum_wd2, pixel
+    return _dispatch.cpp_module().lift_partial(noise, preds, weights, pixel_map)
 
 
 def _triton(noise, preds, weights, pixel_map):
@@ -118,7 +117,10 @@ def lift_partial(noise: torch.Tensor, preds: torch.Tensor, *, weights: torch.Ten
                  pixel_map: bool = False, backend: str = "auto") -> LiftPartial:
     """noise (T, B, *S), preds (T, K+1, B, *S), weights (T,) or (T, B) -> LiftPartial.
 
-    NaN/inf in the inputs propagate into the sums (never dropped)."""
+    backend: "auto" (triton on CUDA, cpp on CPU), "torch", "cpp" or "triton". The kernels read
+    noise and preds[:, 0] once for all K conditions and produce the pixel map in the same pass;
+    noise and preds of different float dtypes are promoted to the wider one. NaN/inf in the
+    inputs propagate into the sums (never dropped)."""
     weights = _check(noise, preds, weights, pixel_map)
     impl = _dispatch.resolve("lift_partial", backend, noise.device, IMPLS)
     sum_wd, sum_wd2, pixel = impl(noise, preds, weights, pixel_map)
