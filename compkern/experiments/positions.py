@@ -402,7 +402,9 @@ def _grid(args) -> int:
     for path in args.evals:
         path = Path(path)
         results = json.loads(path.read_text())
-        cells = list(dict.fromkeys(f"{r['model']}:{r['method']}:{r['base']}" for r in results.values()))
+        order = sorted({(r["model"], r["method"], r["base"]) for r in results.values()},
+                       key=lambda c: (c[0] != "eps", list(METHODS).index(c[1]), c[2] != "null"))
+        cells = [":".join(c) for c in order]
         objects = sorted({r["objects"] for r in results.values()})
         rows += load_grid_rows(path.parent / (path.stem + "_samples"), cells, objects)
     save_grid(rows, args.png, per_cell=args.per_cell)
