@@ -116,14 +116,31 @@ inline float fexp(float x) {
 }
 
 // Softmax statistics of one pixel row over tokens [1, end): max of x and sum of exp(scale (x - max)).
+// The row is first copied to a buffer padded with -inf to a multiple of 16 lanes (exp(-inf) = 0), so
+// the vector loops have no scalar remainder.
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMaxRow = 1024;  // rows longer than this take the unpadded loops
+
 template <typename T, typename A>
 inline void row_stats(const T* x, int64_t end, A scale, A& mx, A& Z) {
-  A m = -std::numeric_limits<A>::infinity();
+  const A ninf = -std::numeric_limits<A>::infinity();
+  A m = ninf, z = 0;
+  if (end <= kMaxRow) {
+    alignas(64) A buf[kMaxRow];
+    const int64_t n = (end + kLanes - 1) / kLanes * kLanes;
+#pragma omp simd
+    for (int64_t j = 0; j < end; ++j) buf[j] = j >= 1 ? load_acc<T, A>(x, j) : ninf;
+    for (int64_t j = end; j < n; ++j) buf[j] = ninf;
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 1; j < end; ++j) m = std::max(m, load_acc<T, A>(x, j));
-  A z = 0;
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, buf[j]);
 #pragma omp simd reduction(+ : z)
-  for (int64_t j = 1; j < end; ++j) z += fexp(scale * (load_acc<T, A>(x, j) - m));
+    for (int64_t j = 0; j < n; ++j) z += fexp(scale * (buf[j] - m));
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 1; j < end; ++j) m = std::max(m, load_acc<T, A>(x, j));
+#pragma omp simd reduction(+ : z)
+    for (int64_t j = 1; j < end; ++j) z += fexp(scale * (load_acc<T, A>(x, j) - m));
+  }
   mx = m;
   Z = z;
 }

@@ -145,20 +145,27 @@ def benchmark(*, clock: str = "wall", batch: int, heads: int, layers: int, resol
         for K in ks:
             tok = (torch.arange(K, device=device) * 3 + 2)[None].expand(B, K).contiguous()
             text_end = torch.full((B,), N - 1, dtype=torch.int64, device=device)
-            base = None
+            # Variants are timed round-robin (one run of each per round), so that load from other
+            # processes on the shared CPU falls on all of them alike.
+            steps = {}
             for variant in variants:
                 try:
-                    step = _make_step(variant, B, H, R)
-                    tmin, tmed = _time(step, (probs, tok, text_end), warmup, repeats, sync, CLOCKS[clock])
+                    steps[variant] = _make_step(variant, B, H, R)
+                    _time(steps[variant], (probs, tok, text_end), warmup, 1, sync, CLOCKS[clock])
                 except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
+                    steps.pop(variant, None)
                     emit(f"| {dname} | {K} | {variant} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |")
-                    continue
-                if variant == "eager":
-                    base = tmin
+            times = {v: [] for v in steps}
+            for _ in range(repeats):
+                for variant, step in steps.items():
+                    times[variant].append(_time(step, (probs, tok, text_end), 0, 1, sync, CLOCKS[clock])[0])
+            base = min(times["eager"]) if "eager" in times else None
+            for variant, ts in times.items():
+                tmin, tmed = min(ts), statistics.median(ts)
                 speed = f"{base / tmin:.2f}x" if base else "-"
                 emit(f"| {dname} | {K} | {variant} | {tmin * 1e3:.3f} | {tmed * 1e3:.3f} | {speed} |")
                 rows.append(dict(dtype=dname, K=K, variant=variant, min_ms=tmin * 1e3, median_ms=tmed * 1e3,
-                                 B=B, heads=H, layers=L, resolution=R, N=N, device=str(device)))
+                                 B=B, heads=H, layers=L, resolution=R, N=N, device=str(device), clock=clock))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
