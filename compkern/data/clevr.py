@@ -183,11 +183,9 @@ def detect_objects(images: torch.Tensor, *, diff_threshold: float = 0.12, min_ar
             m = lab == i
             if m.sum() < min_area:
                 continue
-            w = diff[b] * m
             ys, xs = np.nonzero(m)
-            ww = w[ys, xs]
-            cs.append(((xs * ww).sum() / ww.sum() + 0.5) / W)
-            cs[-1] = (cs[-1], ((ys * ww).sum() / ww.sum() + 0.5) / H)
+            w = diff[b][ys, xs]  # centroid weighted by the difference from the floor
+            cs.append((((xs * w).sum() / w.sum() + 0.5) / W, ((ys * w).sum() / w.sum() + 0.5) / H))
         centers.append(np.array(cs, dtype=np.float64).reshape(-1, 2))
     return Detection(centers)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from compkern.data.clevr import (background_cond, null_cond, position_accuracy, position_cond, render_scenes,
-                                 sample_positions, training_batch)
+from compkern.data.clevr import (background_cond, null_cond, position_accuracy, position_cond, sample_positions,
+                                 training_batch)
 from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, build_position_model
 from compkern.models.schedule import NoiseSchedule
 from compkern.train.loop import Trainer

@@ -3,7 +3,9 @@
 ``PositionUNet`` is compkern's small UNet (``AttributeUNet``) with its condition embedding replaced
 by ``PositionEmbedding``: cond (N, 3) float rows (x, y, mode) with mode OBJECT (Fourier features of
 the continuous (x, y) through an MLP), BACKGROUND or NULL (learned vectors); the embedding is
-added to the timestep embedding, the way diffusers feeds a class embedding.
+added to the timestep embedding, the way diffusers feeds a class embedding. With ``spatial=True``
+(default) the position also enters as one extra input channel, a Gaussian bump at (x, y)
+(``position_map``), which lets a small CPU-trained network learn placement in minutes.
 
 ``PositionEnergyUNet`` is its energy-parameterized twin (Reduce, Reuse, Recycle): the potential
 h = 0.5 |g(x_t, t, c) - x_t|^2 with g a PositionUNet, wrapped by ``EnergyEps`` so that
