@@ -1,6 +1,12 @@
 """Shared test helpers: the flash-attention tolerance rule, and the dtypes under test."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -17,3 +23,14 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, naive: torch
     naive_err = (naive.double() - ref).abs().max().item()
     bound = factor * naive_err + atol * scale
     assert err <= bound, f"{name}: max error {err:.3g} > {factor} x naive error {naive_err:.3g} + {atol:g} x {scale:.3g}"
+
+
+def assert_lowers_for_cuda(script: str) -> None:
+    """Run ``script`` (which compiles a Triton kernel for sm_90 and prints the PTX length) in a
+    fresh interpreter without TRITON_INTERPRET: the real compile pipeline, no GPU needed."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) > 1000

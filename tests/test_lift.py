@@ -9,7 +9,7 @@ from compkern import _dispatch
 from compkern.kernels import reference
 from compkern.ops import LiftPartial, lift_partial
 from compkern.ops import lift as lift_mod
-from helpers import DTYPES, assert_close_to_reference
+from helpers import DTYPES, assert_close_to_reference, assert_lowers_for_cuda
 
 BACKENDS = ["torch", "cpp", "triton"]
 CPU = torch.device("cpu")
@@ -245,14 +245,4 @@ print(len(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]))
 
 def test_triton_kernel_lowers_for_cuda():
     """No GPU here: compile the kernel for sm_90 (the real, non-interpreted pipeline down to PTX)."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _CUDA_COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert int(res.stdout.split()[-1]) > 1000
+    assert_lowers_for_cuda(_CUDA_COMPILE)

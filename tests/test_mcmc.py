@@ -6,13 +6,7 @@ from compkern.models import NoiseSchedule
 from compkern.samplers import annealed_mcmc, ddpm_sample, mixture, negation, product
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up and contention on a shared machine cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
 
 
 class GaussianEnergyModel:

@@ -9,12 +9,7 @@ from compkern.train.denoise import train_eps_model
 SCHED = NoiseSchedule.cosine(50)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
 
 
 def _inputs(n=6, classes=3, steps=50):

@@ -27,13 +27,7 @@ GEN = ["--prompt", "a black car AND NOT a dog", "--steps", "3", "--batch-size", 
        "--device", "cpu", "--threshold", "0", "--min-pixels", "23", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (10x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
 
 
 @pytest.fixture(scope="module")

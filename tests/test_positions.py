@@ -13,13 +13,7 @@ from compkern.experiments import positions as P
 from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, build_position_model, position_map
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one intra-op thread is fastest, and far faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
 
 
 # -- renderer and detector ------------------------------------------------------------------------

@@ -20,13 +20,7 @@ RES = 4  # cross-attention runs at 4x4 for 8x8 inputs
 PROMPT = "a red square and a blue ring"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
 
 
 @pytest.fixture()

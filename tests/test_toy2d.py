@@ -10,12 +10,7 @@ from compkern.data.toy2d import (GaussianMixture, Mixture, Negation, Product, So
                                  make_labeled_dataset, mmd_rbf, ring)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
 
 
 def _grid_mass(f, e=3.0, r=300):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from compkern.data.clevr import (background_cond, null_cond, position_accuracy, 
                                  training_batch)
 from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, build_position_model
 from compkern.models.schedule import NoiseSchedule
-from compkern.train.loop import Trainer
+from compkern.train.loop import Trainer, warmup_cosine
 from compkern.utils.checkpoint import atomic_write_json, load
 
 
@@ -122,17 +121,9 @@ def train_position_model(model: torch.nn.Module, out_dir: str | Path, *, size: i
     AdamW, warmup then cosine decay to 10% of ``lr``; resumes from ``out_dir``."""
     sch = schedule()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    warmup = max(1, steps // 50)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        u = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * u)))
-
     def step_fn(step: int, g: torch.Generator) -> dict:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine(step, lr=lr, steps=steps)
         x0, c = training_batch(batch_size, size=size, p_empty=p_empty, generator=g)
         c[torch.rand(batch_size, generator=g) < p_uncond] = null_cond()
         t = torch.randint(0, sch.num_steps, (batch_size,), generator=g)

@@ -45,8 +45,11 @@ class LiftPartial:
 
     @property
     def stderr(self) -> torch.Tensor:
-        """(K, B): standard error of ``mean`` (weighted variance over the Kish effective count;
-        inf with fewer than two trials)."""
+        """(K, B): standard error of ``mean``: the weighted variance of d times sum_w2 / sum_w^2
+        (Kish's effective count), inf with fewer than two trials. Exact for unit weights; with
+        importance weights it assumes w and (d - mean)^2 uncorrelated, and overstates the error
+        when the proposal puts more trials where d varies most (compkern.lift's estimator keeps
+        its own weighted sums for that case)."""
         mean = self.mean
         var = (self.sum_wd2 / self.sum_w - mean.square()).clamp_min(0)
         n = self.count

@@ -1,15 +1,13 @@
-"""Samplers: reverse diffusion (DDPM, DDIM) on a composed eps; annealed MCMC (ULA, MALA, HMC)."""
+"""Samplers: reverse diffusion (DDPM, DDIM) on a composed eps; annealed MCMC (ULA, MALA, HMC) on
+product / mixture / negation compositions."""
 from compkern.samplers.composed import ComposedEps, StepRecord
-from compkern.samplers.diffusion import ddim_sample, ddpm_sample
-
-__all__ = ["ComposedEps", "StepRecord", "ddim_sample", "ddpm_sample"]
-
-# Annealed MCMC and energy compositions (issue 6).
-from compkern.samplers.compositions import (  # noqa: E402
+from compkern.samplers.compositions import (
     Composition, LinearComposition, MixtureComposition, mixture, negation, product,
 )
-from compkern.samplers.diffusion import ddim_step  # noqa: E402
-from compkern.samplers.mcmc import MCMCResult, annealed_mcmc  # noqa: E402
+from compkern.samplers.diffusion import ddim_sample, ddim_step, ddpm_sample
+from compkern.samplers.mcmc import MCMCResult, annealed_mcmc
 
-__all__ += ["Composition", "LinearComposition", "MCMCResult", "MixtureComposition", "annealed_mcmc", "ddim_step",
-            "mixture", "negation", "product"]
+__all__ = [
+    "ComposedEps", "Composition", "LinearComposition", "MCMCResult", "MixtureComposition", "StepRecord",
+    "annealed_mcmc", "ddim_sample", "ddim_step", "ddpm_sample", "mixture", "negation", "product",
+]

@@ -7,14 +7,13 @@ atomic checkpoints, resume and metrics.json in ``out_dir``.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compkern.models.schedule import NoiseSchedule
-from compkern.train.loop import Trainer
+from compkern.train.loop import Trainer, warmup_cosine
 
 __all__ = ["train_eps_model"]
 
@@ -43,17 +42,9 @@ def train_eps_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, schedule
     sqrt_abar = schedule.alphas_cumprod.sqrt().float()
     sqrt_1m = (1 - schedule.alphas_cumprod).sqrt().float()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 50)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        u = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * u)))
-
     def step_fn(step: int, g: torch.Generator) -> dict:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine(step, lr=lr, steps=steps)
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
         x0, c = x[idx], y[idx].clone()
         c[torch.rand(batch_size, generator=g) < p_uncond] = null_id

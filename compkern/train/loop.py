@@ -8,6 +8,7 @@ generator and torch's global RNG, so a resumed run continues exactly where it st
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,16 @@ import torch
 from tqdm.auto import tqdm
 
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
+
+def warmup_cosine(step: int, *, lr: float, steps: int, warmup: int | None = None, final: float = 0.1) -> float:
+    """Learning rate at ``step``: linear warmup over ``warmup`` steps (default steps // 50), then
+    cosine decay from ``lr`` to ``final * lr`` at ``steps``."""
+    warmup = max(1, steps // 50) if warmup is None else max(1, warmup)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    u = (step - warmup) / max(1, steps - warmup)
+    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * u)))
+
 
 StepFn = Callable[[int, torch.Generator], dict[str, Any]]
 
@@ -70,7 +81,8 @@ class Trainer:
         """Train until ``num_steps`` total steps (counting resumed ones); returns the history."""
         for m in self.modules.values():
             m.train()
-        running: dict[str, float] = {}
+        running: dict[str, float] = {}  # sums over the steps since the last log row
+        n_running = 0
         bar = tqdm(total=num_steps, initial=self.step, desc=self.desc, disable=not self.progress)
         while self.step < num_steps:
             out = self.step_fn(self.step, self.generator)
@@ -84,13 +96,13 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
             self.optimizer.step()
             self.step += 1
+            n_running += 1
             for k, v in out.items():
                 running[k] = running.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
             if self.step % self.log_every == 0 or self.step == num_steps:
-                n = self.log_every if self.step % self.log_every == 0 else self.step % self.log_every
-                row = {"step": self.step, **{k: v / n for k, v in running.items()}}
+                row = {"step": self.step, **{k: v / n_running for k, v in running.items()}}
                 self.history.append(row)
-                running = {}
+                running, n_running = {}, 0
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"})
             if self.step % self.save_every == 0 or self.step == num_steps:
                 self.save()
