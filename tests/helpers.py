@@ -34,3 +34,15 @@ def assert_lowers_for_cuda(script: str) -> None:
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert int(res.stdout.split()[-1]) > 1000
+
+
+BACKENDS = ["torch", "cpp", "triton"]
+
+
+def require_backend(backend: str, device: torch.device = torch.device("cpu")) -> None:
+    """Skip the test (with the reason) when ``backend`` cannot run on ``device`` here."""
+    from compkern import _dispatch
+
+    reason = _dispatch.unavailable_reason(backend, device)
+    if reason:
+        pytest.skip(reason)

@@ -8,16 +8,9 @@ from compkern import _dispatch
 from compkern.kernels import reference
 from compkern.ops import combine as combine_mod
 from compkern.ops import combine_eps
-from helpers import DTYPES, assert_close_to_reference, assert_lowers_for_cuda
+from helpers import BACKENDS, DTYPES, assert_close_to_reference, assert_lowers_for_cuda, require_backend
 
-BACKENDS = ["torch", "cpp", "triton"]
 CPU = torch.device("cpu")
-
-
-def _need(backend: str) -> None:
-    reason = _dispatch.unavailable_reason(backend, CPU)
-    if reason:
-        pytest.skip(reason)
 
 
 def _naive(preds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -36,7 +29,7 @@ SHAPES = [(1, 1, (4, 8, 8)), (3, 2, (4, 7, 5)), (2, 3, (13,)), (4, 2, ()), (2, 1
 @pytest.mark.parametrize("K,B,S", SHAPES)
 @pytest.mark.parametrize("per_sample", [False, True], ids=["w(K)", "w(B,K)"])
 def test_matches_fp64_reference(backend, dtype, K, B, S, per_sample):
-    _need(backend)
+    require_backend(backend)
     preds = torch.randn(K + 1, B, *S).to(dtype)
     weights = torch.randn(B, K) * 3 if per_sample else torch.randn(K) * 3
     out = combine_eps(preds, weights, backend=backend)
@@ -47,7 +40,7 @@ def test_matches_fp64_reference(backend, dtype, K, B, S, per_sample):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_fp64_inputs_accumulate_in_fp64(backend):
-    _need(backend)
+    require_backend(backend)
     preds = torch.randn(3, 2, 4, 9, 11, dtype=torch.float64)
     weights = torch.randn(2, dtype=torch.float64)
     out = combine_eps(preds, weights, backend=backend)
@@ -57,7 +50,7 @@ def test_fp64_inputs_accumulate_in_fp64(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_non_contiguous_inputs(backend):
-    _need(backend)
+    require_backend(backend)
     base = torch.randn(2, 4, 3, 20, 30)  # (B, K+1, C, W, H): permuted and sliced below
     preds = base.permute(1, 0, 2, 4, 3)[:, :, :, ::2]  # (K+1, B, C, 15, 20), strided
     weights = torch.randn(3, 2).t()  # (B, K) = (2, 3), transposed
@@ -70,7 +63,7 @@ def test_non_contiguous_inputs(backend):
 
 def test_large_rows_cpp_matches_reference():
     """Rows longer than one work block, B > number of threads: exercises the OpenMP split."""
-    _need("cpp")
+    require_backend("cpp")
     preds = torch.randn(3, 5, 4, 33, 65)
     weights = torch.randn(5, 2)
     out = combine_eps(preds, weights, backend="cpp")
@@ -79,7 +72,7 @@ def test_large_rows_cpp_matches_reference():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_and_inf_propagate(backend):
-    _need(backend)
+    require_backend(backend)
     preds = torch.randn(3, 2, 4, 5, 6)
     preds[2, 1, 0, 2, 3] = float("nan")  # condition 2 has weight 0 below: must still show up
     preds[1, 0, 3, 4, 5] = float("inf")
@@ -96,13 +89,13 @@ def test_nan_and_inf_propagate(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_empty_spatial(backend):
-    _need(backend)
+    require_backend(backend)
     out = combine_eps(torch.randn(3, 2, 0, 4), torch.randn(2), backend=backend)
     assert out.shape == (2, 0, 4)
 
 
 def test_auto_picks_cpp_on_cpu():
-    _need("cpp")
+    require_backend("cpp")
     assert _dispatch.resolve("combine_eps", "auto", CPU, combine_mod.IMPLS) is combine_mod.IMPLS["cpp"]
 
 

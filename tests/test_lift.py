@@ -9,16 +9,9 @@ from compkern import _dispatch
 from compkern.kernels import reference
 from compkern.ops import LiftPartial, lift_partial
 from compkern.ops import lift as lift_mod
-from helpers import DTYPES, assert_close_to_reference, assert_lowers_for_cuda
+from helpers import BACKENDS, DTYPES, assert_close_to_reference, assert_lowers_for_cuda, require_backend
 
-BACKENDS = ["torch", "cpp", "triton"]
 CPU = torch.device("cpu")
-
-
-def _need(backend: str) -> None:
-    reason = _dispatch.unavailable_reason(backend, CPU)
-    if reason:
-        pytest.skip(reason)
 
 
 def _naive(noise, preds, weights, pixel_map):
@@ -63,7 +56,7 @@ SHAPES = [(1, 1, 1, (4, 8, 8)), (3, 2, 2, (3, 7, 5)), (2, 3, 1, (2, 13, 11)), (2
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,K,B,S", SHAPES)
 def test_matches_fp64_reference(backend, dtype, T, K, B, S):
-    _need(backend)
+    require_backend(backend)
     weight_kind = ["none", "T", "TB"][(T + K + B) % 3]
     noise, preds, weights = _inputs(T, K, B, S, dtype, weight_kind)
     pixel_map = len(S) == 3
@@ -75,7 +68,7 @@ def test_matches_fp64_reference(backend, dtype, T, K, B, S):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weight_kind", ["T", "TB"])
 def test_weights_and_pixel_map_off(backend, weight_kind):
-    _need(backend)
+    require_backend(backend)
     noise, preds, weights = _inputs(3, 2, 2, (4, 6, 5), torch.float32, weight_kind)
     part = lift_partial(noise, preds, weights=weights, backend=backend)
     _check_against_reference(part, noise, preds, weights, False, backend)
@@ -85,7 +78,7 @@ def test_weights_and_pixel_map_off(backend, weight_kind):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_fp64_inputs_accumulate_in_fp64(backend):
-    _need(backend)
+    require_backend(backend)
     noise, preds, weights = _inputs(2, 2, 2, (3, 5, 6), torch.float64, "TB")
     weights = weights.double()
     part = lift_partial(noise, preds, weights=weights, pixel_map=True, backend=backend)
@@ -97,7 +90,7 @@ def test_fp64_inputs_accumulate_in_fp64(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_streaming_equals_one_pass(backend):
-    _need(backend)
+    require_backend(backend)
     noise, preds, weights = _inputs(5, 2, 2, (2, 6, 7), torch.float32, "TB")
     whole = lift_partial(noise, preds, weights=weights, pixel_map=True, backend=backend)
     parts = [lift_partial(noise[a:b], preds[a:b], weights=weights[a:b], pixel_map=True, backend=backend)
@@ -112,7 +105,7 @@ def test_chunked_streaming_equals_one_pass(backend):
 
 def test_pixel_map_sums_to_lift_and_statistics():
     """The pixel map summed over H, W is sum_wd; mean/stderr/pixel_mean follow their definitions."""
-    _need("cpp")
+    require_backend("cpp")
     noise, preds, weights = _inputs(4, 3, 2, (4, 9, 10), torch.float32, "T")
     part = lift_partial(noise, preds, weights=weights, pixel_map=True, backend="cpp")
     torch.testing.assert_close(part.sum_wd_pixel.sum((-1, -2)), part.sum_wd, rtol=1e-4, atol=1e-3)
@@ -131,7 +124,7 @@ def test_pixel_map_sums_to_lift_and_statistics():
 
 def test_large_image_cpp_splits_rows():
     """P > one work range (8192 pixels) and B = 1: rows split across OpenMP items."""
-    _need("cpp")
+    require_backend("cpp")
     noise, preds, weights = _inputs(2, 2, 1, (2, 100, 130), torch.bfloat16, "TB")
     part = lift_partial(noise, preds, weights=weights, pixel_map=True, backend="cpp")
     _check_against_reference(part, noise, preds, weights, True, "cpp large")
@@ -140,7 +133,7 @@ def test_large_image_cpp_splits_rows():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_many_conditions_cpp(dtype):
     """K = 9: beyond the register-accumulator kernels (K <= 8), the portable C++ loop runs."""
-    _need("cpp")
+    require_backend("cpp")
     noise, preds, weights = _inputs(2, 9, 2, (3, 11, 7), dtype, "TB")
     part = lift_partial(noise, preds, weights=weights, pixel_map=True, backend="cpp")
     _check_against_reference(part, noise, preds, weights, True, f"cpp K=9 {dtype}")
@@ -148,7 +141,7 @@ def test_many_conditions_cpp(dtype):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_non_contiguous_and_mixed_dtype_inputs(backend):
-    _need(backend)
+    require_backend(backend)
     T, K, B = 2, 2, 2
     big = torch.randn(B, T, 3, 12, 10)
     noise = big.transpose(0, 1)[..., ::2, :]  # (T, B, 3, 6, 10), strided
@@ -165,7 +158,7 @@ def test_non_contiguous_and_mixed_dtype_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates(backend):
-    _need(backend)
+    require_backend(backend)
     noise, preds, weights = _inputs(3, 2, 3, (2, 5, 4), torch.float32, "TB")
     noise[1, 2, 1, 3, 2] = float("nan")  # sample b = 2, pixel (3, 2)
     preds[0, 2, 0, 0, 0, 1] = float("inf")  # condition k = 1, sample b = 0
@@ -181,7 +174,7 @@ def test_nan_propagates(backend):
 
 
 def test_auto_picks_cpp_on_cpu():
-    _need("cpp")
+    require_backend("cpp")
     assert _dispatch.resolve("lift_partial", "auto", CPU, lift_mod.IMPLS) is lift_mod.IMPLS["cpp"]
 
 
