@@ -299,3 +299,48 @@ def test_shapes_world_and_scoring():
     assert r["success"].tolist() == [True, False, False, True]
     assert r["missing"].tolist() == [False, True, False, False]
     assert r["swapped_or_duplicated"].tolist() == [False, False, True, False]
+
+
+def test_noun_naming_and_caption_parsing():
+    w = shapes.ShapesWorld(naming="nouns")
+    assert w.caption((0, 8)) == "a red_square and a blue_ring"
+    assert w.object_tokens((0, 8)) == ["red_square", "blue_ring"]
+    assert shapes.ShapesWorld().object_tokens((0, 8)) == ["square", "ring"]
+    for naming in shapes.NAMINGS:
+        for p in [(3,), (0, 8), (2, 4, 6)]:
+            assert shapes.parse_caption(shapes.caption(p, naming), naming) == p
+    tok = shapes.build_tokenizer(naming="nouns")
+    ids = tok(w.caption((0, 8))).input_ids
+    assert len(ids) == 7 and tok.unk_token_id not in ids  # <bos> a red_square and a blue_ring <eos>
+    with pytest.raises(ValueError, match="names no object"):
+        shapes.parse_caption("a red_square and a purple_ring", "nouns")
+    with pytest.raises(ValueError, match="naming must be one of"):
+        shapes.ShapesWorld(naming="words")
+
+
+def test_sepen_cli_keeps_the_world_of_a_run(tmp_path):
+    """train writes world.json; eval / finetune read it (no flags repeated); a second train of
+    another world into the same folder is refused."""
+    import argparse
+    import json
+
+    from compkern.experiments import sepen as E
+    from compkern.utils.checkpoint import atomic_save
+
+    def cli(*argv):
+        p = argparse.ArgumentParser()
+        E.add_arguments(p)
+        return E.run(p.parse_args([*argv, "--out", str(tmp_path), "--no-progress"]))
+
+    cli("train", "--what", "base", "--steps", "2", "--naming", "nouns", "--pair-fraction", "0")
+    assert json.loads((tmp_path / "world.json").read_text())["naming"] == "nouns"
+    atomic_save({"state_dict": shapes.ShapeDetector().state_dict()}, tmp_path / "detector.pt")
+    cli("eval", "--model", "base", "--sets", "single", "--n", "1", "--sample-steps", "2")
+    res = json.loads((tmp_path / "eval-base-seed0.json").read_text())
+    assert "a red_square" in res["single"]["per_prompt"] and res["single"]["n"] == 9
+    cli("finetune", "--name", "t", "--steps", "2", "--w-norm", "0")
+    prompts = json.loads((tmp_path / "finetune-t" / "config.json").read_text())["prompts"]
+    assert prompts == [E.shapes.caption(p, "nouns") for p in shapes.ShapesWorld().held_out_prompts()]
+    assert (tmp_path / "finetune-t" / "model" / "unet").is_dir()
+    with pytest.raises(ValueError, match="another world"):
+        cli("train", "--what", "base", "--steps", "2")

@@ -1,12 +1,18 @@
 """A procedural text-to-image world: 16x16 scenes of colored shapes with captions.
 
 Nine objects (``COLORS`` x ``SHAPES``: red/green/blue x square/cross/ring) drawn on a black
-canvas at random positions and sizes, captioned "a red square" or "a red square and a blue ring".
-The training mix (``ShapesWorld.sample_batch``) is mostly single objects; two-object scenes come
-only from the *seen* pairs, and rarely (``pair_fraction``). The intent was a model that drops the
-second object of a held-out pair (the failure Separate-and-Enhance targets: a missing object,
-"catastrophic neglect"); measured (benchmarks/RESULTS.md), the 1M-parameter model draws two
-objects even at pair_fraction 0.02 and fails held-out pairs by swapping shapes between the colors.
+canvas at random positions and sizes. Two namings (``NAMINGS``) of the same objects:
+
+- "attributes": "a red square and a blue ring" (a color word and a shape word per object; the
+  shape word is the object token SepEn acts on);
+- "nouns": "a red_square and a blue_ring" (one word per object, as in the paper's animal/object
+  pairs, so a failure cannot be an attribute-binding error).
+
+The training mix (``ShapesWorld.sample_batch``) is single objects plus, with probability
+``pair_fraction``, a *seen* pair; the held-out pairs never appear in training. What a small model
+does with a held-out pair depends on that fraction and on the naming (benchmarks/RESULTS.md):
+with no pairs at all it draws one object (a missing object, "catastrophic neglect"); with 1-10%
+pairs and attribute captions it draws two objects with their shapes swapped between the colors.
 ``score_samples`` scores the two failure kinds separately.
 
 Text side: a word-level tokenizer (``build_tokenizer``) and a frozen, randomly initialised
@@ -31,18 +37,46 @@ OBJECTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHA
 IMAGE_SIZE = 16
 MAX_OBJECTS = 3
 WORDS = ("a", "and") + tuple(COLORS) + SHAPES
+NOUNS = tuple(f"{c}_{s}" for c, s in OBJECTS)  # the one-word names of the "nouns" naming
+NAMINGS = ("attributes", "nouns")
 SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
 MAX_LENGTH = 12
 
 
-def object_name(obj: int) -> str:
-    c, s = OBJECTS[obj]
-    return f"{c} {s}"
+def _check_naming(naming: str) -> None:
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
 
 
-def caption(objs: tuple[int, ...] | list[int]) -> str:
+def object_name(obj: int, naming: str = "attributes") -> str:
+    """"red square" ("attributes") or "red_square" ("nouns")."""
+    _check_naming(naming)
+    return NOUNS[obj] if naming == "nouns" else " ".join(OBJECTS[obj])
+
+
+def object_token(obj: int, naming: str = "attributes") -> str:
+    """The word of an object that names it (SepEn's object token): the shape word, or the noun."""
+    _check_naming(naming)
+    return NOUNS[obj] if naming == "nouns" else OBJECTS[obj][1]
+
+
+def caption(objs: tuple[int, ...] | list[int], naming: str = "attributes") -> str:
     """(obj ids) -> "a red square and a blue ring"; () -> "" (the unconditional caption)."""
-    return " and ".join(f"a {object_name(o)}" for o in objs)
+    return " and ".join(f"a {object_name(o, naming)}" for o in objs)
+
+
+def parse_caption(text: str, naming: str = "attributes") -> tuple[int, ...]:
+    """The inverse of ``caption``: "a red square and a blue ring" -> (0, 8)."""
+    names = {object_name(o, naming): o for o in range(len(OBJECTS))}
+    objs = []
+    for part in text.lower().split(" and "):
+        words = part.split()
+        key = " ".join(words[1:] if words and words[0] == "a" else words)
+        if key not in names:
+            raise ValueError(f"prompt part {part!r} names no object; objects: {sorted(names)} "
+                             f"(form: {caption((0, 8), naming)!r})")
+        objs.append(names[key])
+    return tuple(objs)
 
 
 def distinct_pairs() -> list[tuple[int, int]]:
@@ -127,17 +161,30 @@ class ShapesWorld:
     """The training distribution and the prompt sets.
 
     ``sample_batch`` draws (images, object lists): with probability ``pair_fraction`` a seen pair
-    (in random order), else a single object; captions come from ``caption(objs)``; caption
+    (in random order), else a single object; captions come from ``self.caption(objs)``; caption
     dropout is the trainer's business."""
 
     pair_fraction: float = 0.1
     n_held_out: int = 6
     split_seed: int = 0
+    naming: str = "attributes"
 
     def __post_init__(self):
         if not 0 <= self.pair_fraction <= 1:
             raise ValueError(f"pair_fraction must lie in [0, 1], got {self.pair_fraction}")
+        _check_naming(self.naming)
         self.seen_pairs, self.held_out_pairs = split_pairs(self.n_held_out, self.split_seed)
+
+    def to_dict(self) -> dict:
+        return {"pair_fraction": self.pair_fraction, "n_held_out": self.n_held_out, "split_seed": self.split_seed,
+                "naming": self.naming}
+
+    def caption(self, objs: tuple[int, ...] | list[int]) -> str:
+        return caption(objs, self.naming)
+
+    def object_tokens(self, objs: tuple[int, ...] | list[int]) -> list[str]:
+        """The object token (word) of each object of a prompt: what SepEn's losses act on."""
+        return [object_token(o, self.naming) for o in objs]
 
     # prompt sets (ordered object tuples)
     def singles(self) -> list[tuple[int, ...]]:
@@ -151,10 +198,10 @@ class ShapesWorld:
 
     def all_captions(self) -> list[str]:
         """Every caption the world can produce, the empty one first."""
-        return [""] + [caption(p) for p in self.singles() + self.seen_prompts() + self.held_out_prompts()]
+        return [""] + [self.caption(p) for p in self.singles() + self.seen_prompts() + self.held_out_prompts()]
 
     def sample_batch(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-        """-> images (B, 3, 16, 16), object tuples (the caption of row b is caption(objs[b]))."""
+        """-> images (B, 3, 16, 16), object tuples (the caption of row b is self.caption(objs[b]))."""
         is_pair = torch.rand(batch, generator=generator) < self.pair_fraction
         objs = torch.full((batch, 2), -1, dtype=torch.long)
         single = torch.randint(0, len(OBJECTS), (batch,), generator=generator)
@@ -188,13 +235,15 @@ def random_scenes(batch: int, generator: torch.Generator | None = None, *, max_o
 
 # -- text side ----------------------------------------------------------------------------------
 
-def build_tokenizer(max_length: int = MAX_LENGTH):
-    """A word-level ``PreTrainedTokenizerFast`` over ``WORDS`` (lower-cased, whitespace split),
-    with <bos>/<eos> added and padding to ``max_length``; unknown words map to <unk>."""
+def build_tokenizer(max_length: int = MAX_LENGTH, naming: str = "attributes"):
+    """A word-level ``PreTrainedTokenizerFast`` over ``WORDS`` (+ ``NOUNS`` for the "nouns"
+    naming; lower-cased, whitespace split), with <bos>/<eos> added and padding to ``max_length``;
+    unknown words map to <unk>."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    _check_naming(naming)
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS + (NOUNS if naming == "nouns" else ()))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -5,9 +5,10 @@
     compkern sepen eval     --out runs/sepen --model base|ft|tta  # success rates (JSON + table)
     compkern sepen sample   --out runs/sepen --model ft --prompt "a red square and a green ring"
 
-Everything lives under --out: base/ (the Trainer folder of the base model), base/model/ (its
-Stable-Diffusion-style save_pretrained folder: unet/ text_encoder/ tokenizer/ scheduler/),
-detector.pt, finetune-<name>/ (Trainer folder + model/), eval-<model>.json.
+Everything lives under --out: world.json (the world's pair fraction, split and naming, written
+by `train` and read by every later action), base/ (the Trainer folder of the base model),
+base/model/ (its Stable-Diffusion-style save_pretrained folder: unet/ text_encoder/ tokenizer/
+scheduler/), detector.pt, finetune-<name>/ (Trainer folder + model/), eval-<model>.json.
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ UNET_CONFIG = dict(sample_size=16, in_channels=3, out_channels=3, block_out_chan
 
 
 def build_components(unet_config: dict | None = None, *, seed: int = 0, prediction_type: str = "v_prediction",
-                     text_dim: int | None = None) -> SDComponents:
+                     text_dim: int | None = None, naming: str = "attributes") -> SDComponents:
     """A fresh (random) tiny text-to-image model of the shapes world, in Stable Diffusion layout."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     cfg = dict(UNET_CONFIG if unet_config is None else unet_config)
-    tokenizer = shapes.build_tokenizer()
+    tokenizer = shapes.build_tokenizer(naming=naming)
     text_encoder = shapes.build_text_encoder(tokenizer, hidden_size=text_dim or cfg["cross_attention_dim"], seed=seed + 1)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg)
@@ -77,7 +78,7 @@ def train_base(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *,
 
     def step_fn(step: int, g: torch.Generator) -> dict:
         x0, objs = world.sample_batch(batch, g)
-        caps = [shapes.caption(o) if float(torch.rand((), generator=g)) >= cond_drop else "" for o in objs]
+        caps = [world.caption(o) if float(torch.rand((), generator=g)) >= cond_drop else "" for o in objs]
         cond = cache(caps)
         t, _ = schedule.sample_t(batch, generator=g)
         noise = torch.randn(x0.shape, generator=g)
@@ -94,7 +95,7 @@ def train_base(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *,
     config = {"kind": "sepen-base", "batch": batch, "lr": lr, "cond_drop": cond_drop,
               "ema_decay": ema_decay, "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet.config.items()
                                                 if k in UNET_CONFIG},
-              "pair_fraction": world.pair_fraction, "n_held_out": world.n_held_out, "split_seed": world.split_seed}
+              **world.to_dict()}
     trainer = Trainer(out_dir, {"unet": unet, "ema": ema}, opt, step_fn, config=config, seed=seed,
                       save_every=save_every, log_every=50, desc="sepen base", progress=progress)
     trainer.fit(steps)
@@ -103,10 +104,10 @@ def train_base(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *,
     return out
 
 
-def export_base(out: Path, parts: SDComponents | None = None) -> Path:
+def export_base(out: Path, world: shapes.ShapesWorld) -> Path:
     """Writes the EMA weights of the latest base checkpoint (out/base/checkpoint.pt) as the
     Stable-Diffusion-style folder out/base/model; returns its path."""
-    parts = parts or build_components()
+    parts = build_components(naming=world.naming)
     state = load(out / "base" / "checkpoint.pt")
     parts.unet.load_state_dict(state["modules"]["ema"])
     SDComponents(unet=parts.unet, scheduler=parts.scheduler, text_encoder=parts.text_encoder,
@@ -137,18 +138,19 @@ def load_detector(out: Path) -> shapes.ShapeDetector:
     return det.eval()
 
 
-def object_words(objs: tuple[int, ...]) -> list[str]:
-    """The noun (shape word) of each object of a prompt: the tokens SepEn acts on."""
-    return [shapes.OBJECTS[o][1] for o in objs]
+def load_world(out: Path, default: shapes.ShapesWorld) -> shapes.ShapesWorld:
+    """The world a run folder was trained on (out/world.json), else ``default`` (older runs)."""
+    path = out / "world.json"
+    return shapes.ShapesWorld(**json.loads(path.read_text())) if path.exists() else default
 
 
-def prompt_specs(parts: SDComponents, prompts: list[tuple[int, ...]]):
+def prompt_specs(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]]):
     from compkern.train.sepen import PromptSpec
-    return [PromptSpec.build(shapes.caption(p), object_words(p), parts.tokenizer, parts.encode) for p in prompts]
+    return [PromptSpec.build(world.caption(p), world.object_tokens(p), parts.tokenizer, parts.encode) for p in prompts]
 
 
 @torch.no_grad()
-def sample(parts: SDComponents, prompts: list[tuple[int, ...]], *, n: int, seed: int, steps: int = 50,
+def sample(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]], *, n: int, seed: int, steps: int = 50,
            guidance: float = 3.0, clip_x0: float | None = 1.0, eta: float = 1.0, tta: dict | None = None,
            chunk: int = 256, backend: str = "auto", progress: bool = False) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
     """n samples per prompt with classifier-free guidance and ancestral DDPM (eta = 1) or DDIM
@@ -159,33 +161,33 @@ def sample(parts: SDComponents, prompts: list[tuple[int, ...]], *, n: int, seed:
 
     model = parts.eps_model()
     rows = [p for p in prompts for _ in range(n)]
-    cache = CaptionCache(parts, [""] + [shapes.caption(p) for p in prompts])
+    cache = CaptionCache(parts, [""] + [world.caption(p) for p in prompts])
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(len(rows), 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, generator=g)
     out = []
     for s in range(0, len(rows), chunk):
         part = rows[s:s + chunk]
-        cond = cache([shapes.caption(p) for p in part])
+        cond = cache([world.caption(p) for p in part])
         uncond = cache([""] * len(part))
         if tta is None:
             def eps_fn(x, t, cond=cond, uncond=uncond):
                 e = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
                 return e[:len(x)] + guidance * (e[len(x):] - e[:len(x)])
         else:
-            eps_fn = SepEnGuidance(model, cond, uncond, prompt_specs(parts, part), guidance_scale=guidance,
+            eps_fn = SepEnGuidance(model, cond, uncond, prompt_specs(parts, world, part), guidance_scale=guidance,
                                    resolution=8, backend=backend, **tta)
         out.append(ddim_sample(eps_fn, x_T[s:s + chunk], model.schedule, num_steps=steps, eta=eta, clip_x0=clip_x0,
                                generator=g, progress=progress))
     return torch.cat(out).clamp(-1, 1), rows
 
 
-def score(det: shapes.ShapeDetector, images: torch.Tensor, rows: list[tuple[int, ...]]) -> dict:
+def score(det: shapes.ShapeDetector, world: shapes.ShapesWorld, images: torch.Tensor, rows: list[tuple[int, ...]]) -> dict:
     r = shapes.score_samples(det, images, rows)
     res = {k: float(r[k].float().mean()) for k in shapes.OUTCOMES}
     res["n"] = len(rows)
     per = {}
     for i, p in enumerate(rows):
-        per.setdefault(shapes.caption(p), []).append(bool(r["success"][i]))
+        per.setdefault(world.caption(p), []).append(bool(r["success"][i]))
     res["per_prompt"] = {k: sum(v) / len(v) for k, v in per.items()}
     return res
 
@@ -203,15 +205,15 @@ def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, s
     from compkern.train.sepen import SepEnConfig, SepEnFinetuner
 
     prompts = PROMPT_SETS[prompt_set](world)
-    specs = prompt_specs(parts, prompts)
+    specs = prompt_specs(parts, world, prompts)
     norm_x0 = norm_states = None
     if w_norm > 0:
         norm_path = out_dir / "norm.pt"
         if norm_path.exists():
             d = load(norm_path)
         else:
-            imgs, rows = sample(parts, world.singles(), n=8, seed=seed + 777)
-            d = {"x0": imgs, "captions": [shapes.caption(r) for r in rows]}
+            imgs, rows = sample(parts, world, world.singles(), n=8, seed=seed + 777)
+            d = {"x0": imgs, "captions": [world.caption(r) for r in rows]}
             atomic_save(d, norm_path)
         norm_x0, norm_states = d["x0"], CaptionCache(parts, d["captions"])(d["captions"])
     cfg = SepEnConfig(steps=steps, batch=batch, lr=lr, w_sep=w_sep, w_en=w_en, w_norm=w_norm, resolution=8,
@@ -225,14 +227,14 @@ def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, s
 
 
 @torch.no_grad()
-def noun_maps(parts: SDComponents, images: torch.Tensor, rows: list[tuple[int, ...]], *, t: int = 300, seed: int = 0,
+def noun_maps(parts: SDComponents, world: shapes.ShapesWorld, images: torch.Tensor, rows: list[tuple[int, ...]], *, t: int = 300, seed: int = 0,
               backend: str = "auto") -> torch.Tensor:
     """Cross-attention maps (B, K, 8, 8) of each prompt's nouns on its own samples noised to t
     (softmax-normalized over the text tokens as attention_losses sees them)."""
     from compkern.train.sepen import capture_cross_attention
 
     model = parts.eps_model()
-    specs = prompt_specs(parts, rows)
+    specs = prompt_specs(parts, world, rows)
     g = torch.Generator().manual_seed(seed)
     tt = torch.full((len(rows),), t, dtype=torch.long)
     x_t = model.schedule.add_noise(images, torch.randn(images.shape, generator=g), tt)
@@ -257,17 +259,17 @@ def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDCompo
     prompts = world.held_out_prompts()[::max(1, len(world.held_out_prompts()) // n_prompts)][:n_prompts]
     cols = []
     for name, (parts, tta) in models.items():
-        imgs, rows = sample(parts, prompts, n=1, seed=seed, tta=tta, backend=backend)
-        cols.append((name, imgs, noun_maps(parts, imgs, rows, backend=backend)))
+        imgs, rows = sample(parts, world, prompts, n=1, seed=seed, tta=tta, backend=backend)
+        cols.append((name, imgs, noun_maps(parts, world, imgs, rows, backend=backend)))
     fig, axes = plt.subplots(len(prompts), 3 * len(cols), figsize=(1.6 * 3 * len(cols), 1.8 * len(prompts)))
     for i, p in enumerate(prompts):
-        words = object_words(p)
+        words = world.object_tokens(p)
         for j, (name, imgs, maps) in enumerate(cols):
             ax = axes[i, 3 * j]
             ax.imshow(((imgs[i].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
             ax.set_title(name if i == 0 else "", fontsize=8)
             if j == 0:
-                ax.set_ylabel(shapes.caption(p).replace(" and ", "\nand "), fontsize=7)
+                ax.set_ylabel(world.caption(p).replace(" and ", "\nand "), fontsize=7)
             for k in range(2):
                 a = axes[i, 3 * j + 1 + k]
                 a.imshow(maps[i, k].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
@@ -282,7 +284,8 @@ def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDCompo
     plt.close(fig)
 
 
-def save_grid(images: torch.Tensor, rows: list[tuple[int, ...]], path: Path, *, n_cols: int) -> None:
+def save_grid(images: torch.Tensor, rows: list[tuple[int, ...]], path: Path, *, n_cols: int,
+              world: shapes.ShapesWorld) -> None:
     """images (B, 3, 16, 16) -> a PNG grid, one row per prompt (labelled)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -296,7 +299,7 @@ def save_grid(images: torch.Tensor, rows: list[tuple[int, ...]], path: Path, *, 
         if i < len(rows):
             ax.imshow(((images[i].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
             if i % n_cols == 0:
-                ax.set_ylabel(shapes.caption(rows[i]), fontsize=6, rotation=0, ha="right")
+                ax.set_ylabel(world.caption(rows[i]), fontsize=6, rotation=0, ha="right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -314,6 +317,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--what", choices=["base", "detector", "all", "export"], default="all",
                    help="train: which part (export: write the latest base checkpoint's EMA as base/model)")
     p.add_argument("--pair-fraction", type=float, default=0.1, help="train: share of two-object scenes")
+    p.add_argument("--naming", choices=shapes.NAMINGS, default="attributes",
+                   help="train: captions 'a red square and a blue ring' (attributes) or 'a red_square and a blue_ring' "
+                        "(nouns: one word per object)")
     p.add_argument("--name", default="ft", help="finetune: run name (out/finetune-<name>)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--w-sep", type=float, default=1.0)
@@ -335,32 +341,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _parse_prompt(text: str) -> tuple[int, ...]:
-    names = {shapes.object_name(o): o for o in range(len(shapes.OBJECTS))}
-    objs = []
-    for part in text.lower().split(" and "):
-        words = part.split()
-        key = " ".join(words[1:] if words and words[0] == "a" else words)
-        if key not in names:
-            raise ValueError(f"--prompt: {part!r} is not one of {sorted(names)} (form: 'a red square and a blue ring')")
-        objs.append(names[key])
-    return tuple(objs)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    world = shapes.ShapesWorld(pair_fraction=args.pair_fraction)
+    world = shapes.ShapesWorld(pair_fraction=args.pair_fraction, naming=args.naming)
+    if args.action == "train" and args.what in ("base", "all"):
+        saved = load_world(out, world)
+        if saved != world:
+            raise ValueError(f"{out} holds a run of another world ({saved.to_dict()}); pick another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(world.to_dict(), out / "world.json")
+    else:
+        world = load_world(out, world)
     progress = not args.no_progress
     clip = None if args.no_clip else 1.0
     tta = {"step_size": args.tta_step, "t_stop": args.tta_t_stop}
     if args.action == "train":
         if args.what == "export":
-            print(f"exported {export_base(out)}")
+            print(f"exported {export_base(out, world)}")
             return 0
         if args.what in ("base", "all"):
-            parts = build_components(seed=args.seed)
+            parts = build_components(seed=args.seed, naming=world.naming)
             t0 = time.time()
             train_base(parts, world, out / "base", steps=args.steps or 4000, seed=args.seed, progress=progress)
             print(f"base model: {out / 'base' / 'model'} ({time.time() - t0:.0f} s)")
@@ -386,10 +388,10 @@ def run(args: argparse.Namespace) -> int:
                    "tta": tta if args.model == "tta" else None}
         for name in args.sets.split(","):
             t0 = time.time()
-            imgs, rows = sample(parts, PROMPT_SETS[name](world), n=args.n, seed=args.seed, steps=args.sample_steps,
+            imgs, rows = sample(parts, world, PROMPT_SETS[name](world), n=args.n, seed=args.seed, steps=args.sample_steps,
                                 guidance=args.guidance, clip_x0=clip, eta=args.eta,
                                 tta=tta if args.model == "tta" else None, backend=args.backend, progress=progress)
-            results[name] = score(det, imgs, rows)
+            results[name] = score(det, world, imgs, rows)
             r = results[name]
             print(f"{args.model:>12s} {name:>8s}: success {r['success']:.3f}  missing {r['missing']:.3f}  "
                   f"swapped/dup {r['swapped_or_duplicated']:.3f}  (n={r['n']}, {time.time() - t0:.0f} s)")
@@ -398,14 +400,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "sample":
         parts = load_model(out, args.model)
-        prompts = [_parse_prompt(args.prompt)] if args.prompt else world.held_out_prompts()
-        imgs, rows = sample(parts, prompts, n=args.n, seed=args.seed, steps=args.sample_steps, guidance=args.guidance,
+        prompts = [shapes.parse_caption(args.prompt, world.naming)] if args.prompt else world.held_out_prompts()
+        imgs, rows = sample(parts, world, prompts, n=args.n, seed=args.seed, steps=args.sample_steps, guidance=args.guidance,
                             clip_x0=clip, eta=args.eta, tta=tta if args.model == "tta" else None, backend=args.backend)
         if (out / "detector.pt").exists():
-            r = score(load_detector(out), imgs, rows)
+            r = score(load_detector(out), world, imgs, rows)
             print(f"success {r['success']:.3f} missing {r['missing']:.3f} swapped/dup {r['swapped_or_duplicated']:.3f}")
         png = Path(args.png or out / f"samples-{args.model.replace(':', '-')}.png")
-        save_grid(imgs, rows, png, n_cols=args.n)
+        save_grid(imgs, rows, png, n_cols=args.n, world=world)
         print(f"wrote {png}")
         return 0
     if args.action == "figure":
