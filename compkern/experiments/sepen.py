@@ -197,7 +197,7 @@ PROMPT_SETS = {"heldout": lambda w: w.held_out_prompts(), "seen": lambda w: w.se
 
 
 def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, steps: int, lr: float, w_sep: float,
-             w_en: float, w_norm: float, batch: int = 8, seed: int = 0, prompt_set: str = "heldout",
+             w_en: float, w_norm: float, batch: int = 8, seed: int = 0, prompt_set: str = "heldout", t_min: int = 0,
              backend: str = "auto", progress: bool = True) -> list[dict]:
     """SepEn finetuning of parts.unet (attn2.to_k) on the prompts of ``prompt_set``; the
     normalization data are 8 frozen-model samples of each single-object prompt (cached in
@@ -216,7 +216,7 @@ def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, s
             d = {"x0": imgs, "captions": [world.caption(r) for r in rows]}
             atomic_save(d, norm_path)
         norm_x0, norm_states = d["x0"], CaptionCache(parts, d["captions"])(d["captions"])
-    cfg = SepEnConfig(steps=steps, batch=batch, lr=lr, w_sep=w_sep, w_en=w_en, w_norm=w_norm, resolution=8,
+    cfg = SepEnConfig(steps=steps, batch=batch, lr=lr, w_sep=w_sep, w_en=w_en, w_norm=w_norm, resolution=8, t_min=t_min,
                       save_every=50, backend=backend, extra={"prompt_set": prompt_set})
     ft = SepEnFinetuner(parts.eps_model(), specs, out_dir, cfg, norm_x0=norm_x0, norm_states=norm_states,
                         seed=seed, progress=progress)
@@ -326,6 +326,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-en", type=float, default=0.5)
     p.add_argument("--w-norm", type=float, default=0.5)
     p.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="heldout", help="finetune: training prompts")
+    p.add_argument("--t-min", type=int, default=0, help="finetune: smallest t of the attention-loss inputs (0: all t, "
+                                                       "as the public code)")
     p.add_argument("--model", default="base", help="eval/sample: base | tta | ft:<name>")
     p.add_argument("--sets", default="heldout,seen,single", help="eval: prompt sets")
     p.add_argument("--n", type=int, default=16, help="eval/sample: samples per prompt")
@@ -377,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.time()
         hist = finetune(parts, world, out / f"finetune-{args.name}", steps=args.steps or 200, lr=args.lr,
                         w_sep=args.w_sep, w_en=args.w_en, w_norm=args.w_norm, seed=args.seed,
-                        prompt_set=args.prompt_set, backend=args.backend, progress=progress)
+                        prompt_set=args.prompt_set, t_min=args.t_min, backend=args.backend, progress=progress)
         print(f"finetuned ({time.time() - t0:.0f} s): first {hist[0]} last {hist[-1]}")
         return 0
     if args.action == "eval":
