@@ -299,6 +299,10 @@ def test_shapes_world_and_scoring():
     assert r["success"].tolist() == [True, False, False, True]
     assert r["missing"].tolist() == [False, True, False, False]
     assert r["swapped_or_duplicated"].tolist() == [False, False, True, False]
+    from compkern.experiments.sepen import score
+    res = score(Oracle(present, torch.tensor([2, 1, 2, 1])), w, torch.zeros(4, 3, 16, 16), prompts)
+    assert res["success"] == 0.5 and res["missing"] == 0.25
+    assert res["detected_by_position"] == pytest.approx([0.75, 1 / 3])  # 2nd position: over the three pair rows only
 
 
 def test_noun_naming_and_caption_parsing():

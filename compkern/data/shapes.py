@@ -350,11 +350,12 @@ def train_detector(steps: int = 1200, batch: int = 64, seed: int = 0, lr: float 
 
 
 OUTCOMES = ("success", "missing", "swapped_or_duplicated")
+DETECTION_THRESHOLD = 0.7  # the paper's confidence threshold for "object present"
 
 
 @torch.no_grad()
 def score_samples(detector: ShapeDetector, images: torch.Tensor, prompts: list[tuple[int, ...]],
-                  threshold: float = 0.7) -> dict[str, torch.Tensor]:
+                  threshold: float = DETECTION_THRESHOLD) -> dict[str, torch.Tensor]:
     """images (B, 3, 16, 16), prompts (B object tuples) -> per-sample outcome masks (B,) bool:
 
     - success: every prompt object detected with confidence > threshold (the paper's criterion);

@@ -185,6 +185,11 @@ def score(det: shapes.ShapeDetector, world: shapes.ShapesWorld, images: torch.Te
     r = shapes.score_samples(det, images, rows)
     res = {k: float(r[k].float().mean()) for k in shapes.OUTCOMES}
     res["n"] = len(rows)
+    # which prompt object was drawn: detection rate of the 1st, 2nd, ... object named (over the
+    # rows whose prompt names that many objects)
+    hit = r["confidence"] > shapes.DETECTION_THRESHOLD
+    named = torch.tensor([len(p) for p in rows]).unsqueeze(1) > torch.arange(hit.shape[1])
+    res["detected_by_position"] = [float(hit[:, k][named[:, k]].float().mean()) for k in range(hit.shape[1])]
     per = {}
     for i, p in enumerate(rows):
         per.setdefault(world.caption(p), []).append(bool(r["success"][i]))
@@ -396,7 +401,8 @@ def run(args: argparse.Namespace) -> int:
             results[name] = score(det, world, imgs, rows)
             r = results[name]
             print(f"{args.model:>12s} {name:>8s}: success {r['success']:.3f}  missing {r['missing']:.3f}  "
-                  f"swapped/dup {r['swapped_or_duplicated']:.3f}  (n={r['n']}, {time.time() - t0:.0f} s)")
+                  f"swapped/dup {r['swapped_or_duplicated']:.3f}  detected by position "
+                  f"{[round(v, 3) for v in r['detected_by_position']]}  (n={r['n']}, {time.time() - t0:.0f} s)")
         tag = args.model.replace(":", "-") + (f"-s{args.tta_step:g}" if args.model == "tta" else "") + f"-seed{args.seed}"
         atomic_write_json(results, out / f"eval-{tag}.json")
         return 0
