@@ -342,6 +342,11 @@ def test_sepen_cli_keeps_the_world_of_a_run(tmp_path):
     cli("eval", "--model", "base", "--sets", "single", "--n", "1", "--sample-steps", "2")
     res = json.loads((tmp_path / "eval-base-seed0.json").read_text())
     assert "a red_square" in res["single"]["per_prompt"] and res["single"]["n"] == 9
+    cli("eval", "--model", "base", "--sets", "heldout", "--n", "1", "--sample-steps", "2")  # adds, keeps "single"
+    res = json.loads((tmp_path / "eval-base-seed0.json").read_text())
+    assert res["single"]["n"] == 9 and res["heldout"]["n"] == 12 and res["heldout"]["settings"]["n_per_prompt"] == 1
+    with pytest.raises(ValueError, match="--sets"):
+        cli("eval", "--model", "base", "--sets", "heldout,pairs")
     cli("finetune", "--name", "t", "--steps", "2", "--w-norm", "0")
     prompts = json.loads((tmp_path / "finetune-t" / "config.json").read_text())["prompts"]
     assert prompts == [E.shapes.caption(p, "nouns") for p in shapes.ShapesWorld().held_out_prompts()]

@@ -390,21 +390,26 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "eval":
         det = load_detector(out)
         parts = load_model(out, args.model)
-        results = {"model": args.model, "seed": args.seed, "n_per_prompt": args.n, "sample_steps": args.sample_steps,
-                   "guidance": args.guidance, "eta": args.eta, "clip_x0": clip,
-                   "tta": tta if args.model == "tta" else None}
-        for name in args.sets.split(","):
+        sets = args.sets.split(",")
+        if not sets or any(name not in PROMPT_SETS for name in sets):
+            raise ValueError(f"--sets must be a comma-separated list of {list(PROMPT_SETS)}, got {args.sets!r}")
+        settings = {"n_per_prompt": args.n, "sample_steps": args.sample_steps, "guidance": args.guidance,
+                    "eta": args.eta, "clip_x0": clip, "tta": tta if args.model == "tta" else None}
+        tag = args.model.replace(":", "-") + (f"-s{args.tta_step:g}" if args.model == "tta" else "") + f"-seed{args.seed}"
+        path = out / f"eval-{tag}.json"
+        # one file per (model, seed): sets evaluated earlier stay, each with the settings it ran with
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results.update({"model": args.model, "seed": args.seed})
+        for name in sets:
             t0 = time.time()
             imgs, rows = sample(parts, world, PROMPT_SETS[name](world), n=args.n, seed=args.seed, steps=args.sample_steps,
                                 guidance=args.guidance, clip_x0=clip, eta=args.eta,
-                                tta=tta if args.model == "tta" else None, backend=args.backend, progress=progress)
-            results[name] = score(det, world, imgs, rows)
-            r = results[name]
+                                tta=settings["tta"], backend=args.backend, progress=progress)
+            r = results[name] = {**score(det, world, imgs, rows), "settings": settings}
+            atomic_write_json(results, path)
             print(f"{args.model:>12s} {name:>8s}: success {r['success']:.3f}  missing {r['missing']:.3f}  "
                   f"swapped/dup {r['swapped_or_duplicated']:.3f}  detected by position "
                   f"{[round(v, 3) for v in r['detected_by_position']]}  (n={r['n']}, {time.time() - t0:.0f} s)")
-        tag = args.model.replace(":", "-") + (f"-s{args.tta_step:g}" if args.model == "tta" else "") + f"-seed{args.seed}"
-        atomic_write_json(results, out / f"eval-{tag}.json")
         return 0
     if args.action == "sample":
         parts = load_model(out, args.model)
