@@ -183,6 +183,27 @@ def test_finetuner_argument_checks(parts, tmp_path):
         SepEnFinetuner(parts.eps_model(), [], tmp_path, SepEnConfig(resolution=RES))
 
 
+def test_finetuner_losses_on_prompt_samples(parts, tmp_path):
+    """With prompt_x0, the attention-loss rows are noised samples of their own prompt (at t = 0
+    the noised sample is the sample, up to sqrt(1 - abar_0))."""
+    specs = [_spec(parts), _spec(parts, "a blue ring and a red square", ("ring", "square"))]
+    level = torch.tensor([0.5, -0.5])
+    prompt_x0 = level.view(2, 1, 1, 1, 1).expand(2, 3, 3, 8, 8).clone()
+    cfg = SepEnConfig(steps=1, batch=6, resolution=RES, t_min=0, t_max=0, backend="torch")
+    with pytest.raises(ValueError, match="prompt_x0 must be a"):
+        SepEnFinetuner(parts.eps_model(), specs, tmp_path / "bad", cfg, prompt_x0=prompt_x0[:1])
+    ft = SepEnFinetuner(parts.eps_model(), specs, tmp_path / "run", cfg, prompt_x0=prompt_x0, progress=False)
+    seen = []
+    raw = ft.model.raw
+    ft.model.raw = lambda x, t, states: seen.append((x, states)) or raw(x, t, states)
+    ft.fit()
+    x, states = seen[0]
+    for b in range(6):  # the row's prompt (by its states) decides the level of its input
+        k = 0 if torch.equal(states[b], specs[0].states) else 1
+        assert torch.equal(states[b], specs[k].states)
+        torch.testing.assert_close(x[b], torch.full_like(x[b], float(level[k])), atol=0.05, rtol=0)
+
+
 def test_tta_guidance_lowers_the_losses(parts):
     model = parts.eps_model()
     spec = _spec(parts)

@@ -203,10 +203,12 @@ PROMPT_SETS = {"heldout": lambda w: w.held_out_prompts(), "seen": lambda w: w.se
 
 def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, steps: int, lr: float, w_sep: float,
              w_en: float, w_norm: float, batch: int = 8, seed: int = 0, prompt_set: str = "heldout", t_min: int = 0,
-             backend: str = "auto", progress: bool = True) -> list[dict]:
+             latents: str = "random", backend: str = "auto", progress: bool = True) -> list[dict]:
     """SepEn finetuning of parts.unet (attn2.to_k) on the prompts of ``prompt_set``; the
     normalization data are 8 frozen-model samples of each single-object prompt (cached in
-    out_dir/norm.pt). Saves the SD folder with the finetuned UNet to out_dir/model."""
+    out_dir/norm.pt). ``latents``: the attention losses see noised random latents ("random", the
+    public code) or 8 frozen-model samples of each training prompt ("samples", cached in
+    out_dir/prompt_x0.pt). Saves the SD folder with the finetuned UNet to out_dir/model."""
     from compkern.train.sepen import SepEnConfig, SepEnFinetuner
 
     prompts = PROMPT_SETS[prompt_set](world)
@@ -221,10 +223,19 @@ def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, s
             d = {"x0": imgs, "captions": [world.caption(r) for r in rows]}
             atomic_save(d, norm_path)
         norm_x0, norm_states = d["x0"], CaptionCache(parts, d["captions"])(d["captions"])
+    prompt_x0 = None
+    if latents == "samples":
+        path = out_dir / "prompt_x0.pt"
+        if not path.exists():
+            imgs, _ = sample(parts, world, prompts, n=8, seed=seed + 778)
+            atomic_save({"x0": imgs.view(len(prompts), 8, *imgs.shape[1:])}, path)
+        prompt_x0 = load(path)["x0"]
+    elif latents != "random":
+        raise ValueError(f"latents must be 'random' or 'samples', got {latents!r}")
     cfg = SepEnConfig(steps=steps, batch=batch, lr=lr, w_sep=w_sep, w_en=w_en, w_norm=w_norm, resolution=8, t_min=t_min,
                       save_every=50, backend=backend, extra={"prompt_set": prompt_set})
     ft = SepEnFinetuner(parts.eps_model(), specs, out_dir, cfg, norm_x0=norm_x0, norm_states=norm_states,
-                        seed=seed, progress=progress)
+                        prompt_x0=prompt_x0, seed=seed, progress=progress)
     hist = ft.fit()
     SDComponents(unet=parts.unet, scheduler=parts.scheduler, text_encoder=parts.text_encoder,
                  tokenizer=parts.tokenizer).save_pretrained(out_dir / "model")
@@ -333,6 +344,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="heldout", help="finetune: training prompts")
     p.add_argument("--t-min", type=int, default=0, help="finetune: smallest t of the attention-loss inputs (0: all t, "
                                                        "as the public code)")
+    p.add_argument("--latents", choices=["random", "samples"], default="random",
+                   help="finetune: attention-loss inputs are noised random latents (the public code) or noised "
+                        "frozen-model samples of the training prompts")
     p.add_argument("--model", default="base", help="eval/sample: base | tta | ft:<name>")
     p.add_argument("--sets", default="heldout,seen,single", help="eval: prompt sets")
     p.add_argument("--n", type=int, default=16, help="eval/sample: samples per prompt")
@@ -384,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.time()
         hist = finetune(parts, world, out / f"finetune-{args.name}", steps=args.steps or 200, lr=args.lr,
                         w_sep=args.w_sep, w_en=args.w_en, w_norm=args.w_norm, seed=args.seed,
-                        prompt_set=args.prompt_set, t_min=args.t_min, backend=args.backend, progress=progress)
+                        prompt_set=args.prompt_set, t_min=args.t_min, latents=args.latents, backend=args.backend,
+                        progress=progress)
         print(f"finetuned ({time.time() - t0:.0f} s): first {hist[0]} last {hist[-1]}")
         return 0
     if args.action == "eval":

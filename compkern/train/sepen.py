@@ -280,17 +280,29 @@ class SepEnFinetuner:
     Separate / Enhance losses on ``specs`` (+ ``w_norm`` x the denoising loss on ``norm_x0`` (M, C,
     H, W) with encoder states ``norm_states`` (M, L, D): samples of the frozen model).
 
+    The attention losses see noised random latents x0 ~ N(0, I), as the public code, or with
+    ``prompt_x0`` (P, M, C, H, W) noised samples of each prompt of ``specs`` (P = len(specs), e.g.
+    M frozen-model samples per prompt), which keeps the UNet's inputs in distribution where the data
+    are far from Gaussian (pixel space).
+
     ``fit()`` runs (or resumes) the Trainer in ``out_dir`` and returns the history; rows hold
     loss, sep, en, norm (means over the logging window). ``save_pretrained(path)`` writes the
     finetuned UNet (diffusers format)."""
 
     def __init__(self, eps_model, specs: Sequence[PromptSpec], out_dir: str | os.PathLike,
                  config: SepEnConfig | None = None, *, norm_x0: torch.Tensor | None = None,
-                 norm_states: torch.Tensor | None = None, seed: int = 0, progress: bool = True):
+                 norm_states: torch.Tensor | None = None, prompt_x0: torch.Tensor | None = None, seed: int = 0,
+                 progress: bool = True):
         self.model, self.cfg = eps_model, config or SepEnConfig()
         self.specs = list(specs)
         if not self.specs:
             raise ValueError("specs must hold at least one prompt")
+        C = eps_model.unet.config.in_channels
+        if prompt_x0 is not None and (not isinstance(prompt_x0, torch.Tensor) or prompt_x0.dim() != 5
+                                      or prompt_x0.shape[0] != len(self.specs) or prompt_x0.shape[2] != C):
+            raise ValueError(f"prompt_x0 must be a (P={len(self.specs)}, M, C={C}, H, W) tensor of samples per prompt, "
+                             f"got {getattr(prompt_x0, 'shape', type(prompt_x0))}")
+        self.prompt_x0 = prompt_x0
         if self.cfg.w_norm > 0 and (norm_x0 is None or norm_states is None):
             raise ValueError("w_norm > 0 needs norm_x0 (M, C, H, W) and norm_states (M, L, D): frozen-model samples")
         if norm_x0 is not None and (norm_states is None or len(norm_x0) != len(norm_states)):
@@ -311,6 +323,7 @@ class SepEnFinetuner:
         cfg.pop("steps")  # a target, not part of the run's identity: a resume may extend it
         cfg["prompts"] = [s.prompt for s in self.specs]
         cfg["tokens"] = [s.tokens.tolist() for s in self.specs]
+        cfg["latents"] = "random" if prompt_x0 is None else "prompt_x0"
         self.trainer = Trainer(out_dir, {"to_k": holder}, opt, self._step, config=cfg, seed=seed,
                                save_every=self.cfg.save_every, log_every=10, grad_clip=self.cfg.grad_clip,
                                desc="sepen finetune", progress=progress)
@@ -329,7 +342,10 @@ class SepEnFinetuner:
         H, W = (size, size) if isinstance(size, int) else tuple(size)
         t_max = schedule.num_steps - 1 if cfg.t_max is None else cfg.t_max
         t = torch.randint(cfg.t_min, t_max + 1, (cfg.batch,), generator=g)
-        x0 = torch.randn(cfg.batch, C, H, W, generator=g)  # random latents, as the public code
+        if self.prompt_x0 is None:
+            x0 = torch.randn(cfg.batch, C, H, W, generator=g)  # random latents, as the public code
+        else:
+            x0 = self.prompt_x0[idx, torch.randint(0, self.prompt_x0.shape[1], (cfg.batch,), generator=g)].float()
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t).to(p.device, p.dtype)
         with capture_cross_attention(unet, cfg.resolution, self.store):
             model.raw(x_t, t.to(p.device), states)
