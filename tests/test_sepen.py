@@ -366,6 +366,8 @@ def test_sepen_cli_keeps_the_world_of_a_run(tmp_path):
     cli("eval", "--model", "base", "--sets", "heldout", "--n", "1", "--sample-steps", "2")  # adds, keeps "single"
     res = json.loads((tmp_path / "eval-base-seed0.json").read_text())
     assert res["single"]["n"] == 9 and res["heldout"]["n"] == 12 and res["heldout"]["settings"]["n_per_prompt"] == 1
+    table = E.report(tmp_path).splitlines()
+    assert len(table) == 3 and table[2].startswith("| base | 0 | ") and "(n=12)" in table[2] and "(n=9)" in table[2]
     with pytest.raises(ValueError, match="--sets"):
         cli("eval", "--model", "base", "--sets", "heldout,pairs")
     cli("finetune", "--name", "t", "--steps", "2", "--w-norm", "0")

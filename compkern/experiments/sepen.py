@@ -1,14 +1,15 @@
-"""`compkern sepen train|finetune|sample|eval`: Separate-and-Enhance on the procedural shapes world.
+"""`compkern sepen train|finetune|sample|eval|report|figure`: Separate-and-Enhance on the procedural shapes world.
 
     compkern sepen train    --out runs/sepen            # base text-to-image model + detector
     compkern sepen finetune --out runs/sepen --name ft  # SepEn: attn2.to_k only, on held-out pairs
-    compkern sepen eval     --out runs/sepen --model base|ft|tta  # success rates (JSON + table)
-    compkern sepen sample   --out runs/sepen --model ft --prompt "a red square and a green ring"
+    compkern sepen eval     --out runs/sepen --model base|ft:<name>|tta  # success rates (JSON + table)
+    compkern sepen report   --out runs/sepen            # every eval of the folder as one markdown table
+    compkern sepen sample   --out runs/sepen --model ft:ft --prompt "a red square and a green ring"
 
 Everything lives under --out: world.json (the world's pair fraction, split and naming, written
 by `train` and read by every later action), base/ (the Trainer folder of the base model),
 base/model/ (its Stable-Diffusion-style save_pretrained folder: unet/ text_encoder/ tokenizer/
-scheduler/), detector.pt, finetune-<name>/ (Trainer folder + model/), eval-<model>.json.
+scheduler/), detector.pt, finetune-<name>/ (Trainer folder + model/), eval-<model>-seed<seed>.json.
 """
 from __future__ import annotations
 
@@ -300,6 +301,32 @@ def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDCompo
     plt.close(fig)
 
 
+def report(out: Path) -> str:
+    """Every eval-*.json of a run folder as one markdown table: success on each prompt set, and for
+    the pair sets the failure split and the detection rate of the first / second object named."""
+    sets = list(PROMPT_SETS)
+    head = ["model", "seed"] + [c for name in sets for c in
+                                ([name] if name == "single" else [name, f"{name} missing / swapped", f"{name} 1st / 2nd"])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for path in sorted(out.glob("eval-*.json")):
+        r = json.loads(path.read_text())
+        tta = next((r[k]["settings"]["tta"] for k in sets if "settings" in r.get(k, {})), r.get("tta"))
+        row = [r["model"] + (f" (step {tta['step_size']:g})" if tta else ""), str(r["seed"])]
+        for name in sets:
+            e = r.get(name)
+            cells = 1 if name == "single" else 3
+            if e is None:
+                row += ["-"] * cells
+                continue
+            row.append(f"{e['success']:.3f} (n={e['n']})")
+            if cells == 3:
+                row.append(f"{e['missing']:.3f} / {e['swapped_or_duplicated']:.3f}")
+                pos = e.get("detected_by_position")
+                row.append(" / ".join(f"{v:.2f}" for v in pos) if pos else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def save_grid(images: torch.Tensor, rows: list[tuple[int, ...]], path: Path, *, n_cols: int,
               world: shapes.ShapesWorld) -> None:
     """images (B, 3, 16, 16) -> a PNG grid, one row per prompt (labelled)."""
@@ -325,7 +352,7 @@ def save_grid(images: torch.Tensor, rows: list[tuple[int, ...]], path: Path, *, 
 # -- CLI ----------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["train", "finetune", "sample", "eval", "figure"])
+    p.add_argument("action", choices=["train", "finetune", "sample", "eval", "report", "figure"])
     p.add_argument("--out", default="runs/sepen", help="run folder (default runs/sepen)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     p.add_argument("--seed", type=int, default=0)
@@ -437,6 +464,9 @@ def run(args: argparse.Namespace) -> int:
         png = Path(args.png or out / f"samples-{args.model.replace(':', '-')}.png")
         save_grid(imgs, rows, png, n_cols=args.n, world=world)
         print(f"wrote {png}")
+        return 0
+    if args.action == "report":
+        print(report(out))
         return 0
     if args.action == "figure":
         models = {"base": (load_model(out, "base"), None), f"SepEn ft ({args.name})": (load_model(out, args.name), None),
