@@ -374,5 +374,7 @@ def test_sepen_cli_keeps_the_world_of_a_run(tmp_path):
     prompts = json.loads((tmp_path / "finetune-t" / "config.json").read_text())["prompts"]
     assert prompts == [E.shapes.caption(p, "nouns") for p in shapes.ShapesWorld().held_out_prompts()]
     assert (tmp_path / "finetune-t" / "model" / "unet").is_dir()
+    cli("figure", "--name", "t", "--sample-steps", "2", "--png", str(tmp_path / "fig.png"))  # base / finetuned / TTA, detector verdicts
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="another world"):
         cli("train", "--what", "base", "--steps", "2")

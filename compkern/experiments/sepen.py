@@ -267,24 +267,37 @@ def noun_maps(parts: SDComponents, world: shapes.ShapesWorld, images: torch.Tens
 
 
 def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDComponents, dict | None]], path: Path, *,
-           n_prompts: int = 4, seed: int = 0, backend: str = "auto") -> None:
-    """docs PNG: for held-out prompts, one sample per model and its two noun maps."""
+           n_prompts: int = 4, n_candidates: int = 8, detector: shapes.ShapeDetector | None = None, seed: int = 0,
+           steps: int = 50, guidance: float = 3.0, backend: str = "auto") -> None:
+    """docs PNG: for held-out prompts, one sample per model (the same initial noise for every
+    model) and its two noun maps. With a detector, each prompt shows the first of ``n_candidates``
+    seeds on which the first model failed (if any), and every sample is titled with its outcome."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     prompts = world.held_out_prompts()[::max(1, len(world.held_out_prompts()) // n_prompts)][:n_prompts]
-    cols = []
+    n = n_candidates if detector is not None else 1
+    cols, pick = [], None
     for name, (parts, tta) in models.items():
-        imgs, rows = sample(parts, world, prompts, n=1, seed=seed, tta=tta, backend=backend)
-        cols.append((name, imgs, noun_maps(parts, world, imgs, rows, backend=backend)))
+        imgs, rows = sample(parts, world, prompts, n=n, seed=seed, steps=steps, guidance=guidance, tta=tta,
+                            backend=backend)
+        outcome = [""] * len(rows)
+        if detector is not None:
+            r = shapes.score_samples(detector, imgs, rows)
+            outcome = [next(k for k in shapes.OUTCOMES if r[k][i]).split("_")[0] for i in range(len(rows))]
+        if pick is None:  # per prompt: its first failing candidate under the first model, else candidate 0
+            pick = [next((i * n + c for c in range(n) if outcome[i * n + c] not in ("", "success")), i * n)
+                    for i in range(len(prompts))]
+        imgs, rows = imgs[pick], [rows[i] for i in pick]
+        cols.append((name, imgs, noun_maps(parts, world, imgs, rows, backend=backend), [outcome[i] for i in pick]))
     fig, axes = plt.subplots(len(prompts), 3 * len(cols), figsize=(1.6 * 3 * len(cols), 1.8 * len(prompts)))
     for i, p in enumerate(prompts):
         words = world.object_tokens(p)
-        for j, (name, imgs, maps) in enumerate(cols):
+        for j, (name, imgs, maps, outcome) in enumerate(cols):
             ax = axes[i, 3 * j]
             ax.imshow(((imgs[i].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_title(name if i == 0 else "", fontsize=8)
+            ax.set_title((name + "\n" if i == 0 else "") + outcome[i], fontsize=7)
             if j == 0:
                 ax.set_ylabel(world.caption(p).replace(" and ", "\nand "), fontsize=7)
             for k in range(2):
@@ -294,7 +307,9 @@ def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDCompo
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("SepEn on held-out pairs: sample, then the cross-attention map (8x8) of each noun", fontsize=9)
+    which = f"the first of {n} seeds where {next(iter(models))} failed" if detector is not None else "seed 0"
+    fig.suptitle(f"SepEn on held-out pairs ({which}; same noise per row): sample (detector verdict), then the "
+                 f"cross-attention map (8x8) of each noun", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -471,7 +486,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "figure":
         models = {"base": (load_model(out, "base"), None), f"SepEn ft ({args.name})": (load_model(out, args.name), None),
                   "SepEn TTA": (load_model(out, "base"), tta)}
-        figure(out, world, models, Path(args.png or "docs/sepen.png"), seed=args.seed, backend=args.backend)
+        det = load_detector(out) if (out / "detector.pt").exists() else None
+        figure(out, world, models, Path(args.png or "docs/sepen.png"), detector=det, seed=args.seed,
+               steps=args.sample_steps, guidance=args.guidance, backend=args.backend)
         print(f"wrote {args.png or 'docs/sepen.png'}")
         return 0
     raise ValueError(args.action)
