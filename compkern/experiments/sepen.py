@@ -267,7 +267,7 @@ def noun_maps(parts: SDComponents, world: shapes.ShapesWorld, images: torch.Tens
 
 
 def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDComponents, dict | None]], path: Path, *,
-           n_prompts: int = 4, n_candidates: int = 8, detector: shapes.ShapeDetector | None = None, seed: int = 0,
+           n_prompts: int = 4, n_candidates: int = 16, detector: shapes.ShapeDetector | None = None, seed: int = 0,
            steps: int = 50, guidance: float = 3.0, backend: str = "auto") -> None:
     """docs PNG: for held-out prompts, one sample per model (the same initial noise for every
     model) and its two noun maps. With a detector, each prompt shows the first of ``n_candidates``
@@ -307,7 +307,7 @@ def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDCompo
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    which = f"the first of {n} seeds where {next(iter(models))} failed" if detector is not None else "seed 0"
+    which = f"per row the first of {n} seeds on which {next(iter(models))} failed, if any" if detector is not None else "seed 0"
     fig.suptitle(f"SepEn on held-out pairs ({which}; same noise per row): sample (detector verdict), then the "
                  f"cross-attention map (8x8) of each noun", fontsize=9)
     fig.tight_layout()
