@@ -255,7 +255,9 @@ def trainable_to_k(unet) -> dict[str, torch.nn.Module]:
 @dataclass
 class SepEnConfig:
     """Finetuning options. Defaults follow the public SepEn code for one pair (200 steps, Separate
-    1.0, Enhance 0.5, normalization 0); ``norm_weight`` 0.5 is the paper's setting at scale."""
+    1.0, Enhance 0.5, normalization 0, t over the whole schedule); ``w_norm`` 0.5 is the paper's
+    setting at scale. ``t_min``/``t_max`` bound the t of the attention-loss inputs: on the pixel-space
+    shapes world only t >= 600 helped (benchmarks/RESULTS.md, Separate-and-Enhance)."""
 
     steps: int = 200
     batch: int = 8
