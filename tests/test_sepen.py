@@ -320,6 +320,7 @@ def test_shapes_world_and_scoring():
     assert r["success"].tolist() == [True, False, False, True]
     assert r["missing"].tolist() == [False, True, False, False]
     assert r["swapped_or_duplicated"].tolist() == [False, False, True, False]
+    assert r["detected"].tolist() == [[True, True], [True, False], [False, False], [True, False]]  # past the end: False
     from compkern.experiments.sepen import score
     res = score(Oracle(present, torch.tensor([2, 1, 2, 1])), w, torch.zeros(4, 3, 16, 16), prompts)
     assert res["success"] == 0.5 and res["missing"] == 0.25
@@ -341,6 +342,18 @@ def test_noun_naming_and_caption_parsing():
         shapes.parse_caption("a red_square and a purple_ring", "nouns")
     with pytest.raises(ValueError, match="naming must be one of"):
         shapes.ShapesWorld(naming="words")
+
+
+def test_frozen_samples_are_cached(tmp_path, monkeypatch):
+    from compkern.experiments import sepen as E
+
+    parts = build_components(TINY_UNET, seed=0)
+    world = shapes.ShapesWorld()
+    x0, caps = E.frozen_samples(parts, world, [(0,), (0, 8)], tmp_path / "s.pt", n=3, seed=1, steps=2)
+    assert x0.shape == (6, 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE) and caps == ["a red square"] * 3 + ["a red square and a blue ring"] * 3
+    monkeypatch.setattr(E, "sample", lambda *a, **k: pytest.fail("sampled again instead of reading the cache"))
+    again, caps2 = E.frozen_samples(parts, world, [(0,), (0, 8)], tmp_path / "s.pt", n=3, seed=1, steps=2)
+    assert torch.equal(again, x0) and caps2 == caps
 
 
 def test_sepen_cli_keeps_the_world_of_a_run(tmp_path):

@@ -365,7 +365,8 @@ def score_samples(detector: ShapeDetector, images: torch.Tensor, prompts: list[t
       object was dropped: "catastrophic neglect");
     - swapped_or_duplicated: not a success although enough objects are present (attributes
       swapped or leaked, or an object drawn twice).
-    Also returns ``confidence`` (B, max objects per prompt) and ``count`` (B,)."""
+    Also returns ``confidence`` (B, K = max objects per prompt; 1 past a prompt's end),
+    ``detected`` (B, K) bool (confidence > threshold; False past a prompt's end) and ``count`` (B,)."""
     if images.shape[0] != len(prompts):
         raise ValueError(f"images ({images.shape[0]}) and prompts ({len(prompts)}) must have the same length")
     detector.eval()
@@ -378,7 +379,9 @@ def score_samples(detector: ShapeDetector, images: torch.Tensor, prompts: list[t
     for i, p in enumerate(prompts):
         need[i] = len(p)
         conf[i, :len(p)] = prob[i, list(p)]
-    success = (conf > threshold).all(1)
+    hit = conf > threshold
+    success = hit.all(1)
     missing = ~success & (count < need)
+    named = torch.arange(K) < need.unsqueeze(1)
     return {"success": success, "missing": missing, "swapped_or_duplicated": ~success & ~missing,
-            "confidence": conf, "count": count}
+            "confidence": conf, "detected": hit & named, "count": count}

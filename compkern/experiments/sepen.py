@@ -188,9 +188,8 @@ def score(det: shapes.ShapeDetector, world: shapes.ShapesWorld, images: torch.Te
     res["n"] = len(rows)
     # which prompt object was drawn: detection rate of the 1st, 2nd, ... object named (over the
     # rows whose prompt names that many objects)
-    hit = r["confidence"] > shapes.DETECTION_THRESHOLD
-    named = torch.tensor([len(p) for p in rows]).unsqueeze(1) > torch.arange(hit.shape[1])
-    res["detected_by_position"] = [float(hit[:, k][named[:, k]].float().mean()) for k in range(hit.shape[1])]
+    named = torch.tensor([len(p) for p in rows]).unsqueeze(1) > torch.arange(r["detected"].shape[1])
+    res["detected_by_position"] = (r["detected"].sum(0) / named.sum(0)).tolist()
     per = {}
     for i, p in enumerate(rows):
         per.setdefault(world.caption(p), []).append(bool(r["success"][i]))
@@ -200,6 +199,17 @@ def score(det: shapes.ShapeDetector, world: shapes.ShapesWorld, images: torch.Te
 
 PROMPT_SETS = {"heldout": lambda w: w.held_out_prompts(), "seen": lambda w: w.seen_prompts(),
                "single": lambda w: w.singles()}
+
+
+def frozen_samples(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]], path: Path, *,
+                   n: int = 8, seed: int, steps: int = 50) -> tuple[torch.Tensor, list[str]]:
+    """n samples of each prompt from the model as it is now (len(prompts) * n, 3, H, W), prompt-major,
+    and their captions; computed once and cached at ``path``."""
+    if not path.exists():
+        imgs, rows = sample(parts, world, prompts, n=n, seed=seed, steps=steps)
+        atomic_save({"x0": imgs, "captions": [world.caption(r) for r in rows]}, path)
+    d = load(path)
+    return d["x0"], d["captions"]
 
 
 def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, steps: int, lr: float, w_sep: float,
@@ -212,27 +222,18 @@ def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, s
     out_dir/prompt_x0.pt). Saves the SD folder with the finetuned UNet to out_dir/model."""
     from compkern.train.sepen import SepEnConfig, SepEnFinetuner
 
+    if latents not in ("random", "samples"):
+        raise ValueError(f"latents must be 'random' or 'samples', got {latents!r}")
     prompts = PROMPT_SETS[prompt_set](world)
     specs = prompt_specs(parts, world, prompts)
     norm_x0 = norm_states = None
     if w_norm > 0:
-        norm_path = out_dir / "norm.pt"
-        if norm_path.exists():
-            d = load(norm_path)
-        else:
-            imgs, rows = sample(parts, world, world.singles(), n=8, seed=seed + 777)
-            d = {"x0": imgs, "captions": [world.caption(r) for r in rows]}
-            atomic_save(d, norm_path)
-        norm_x0, norm_states = d["x0"], CaptionCache(parts, d["captions"])(d["captions"])
+        norm_x0, captions = frozen_samples(parts, world, world.singles(), out_dir / "norm.pt", seed=seed + 777)
+        norm_states = CaptionCache(parts, captions)(captions)
     prompt_x0 = None
     if latents == "samples":
-        path = out_dir / "prompt_x0.pt"
-        if not path.exists():
-            imgs, _ = sample(parts, world, prompts, n=8, seed=seed + 778)
-            atomic_save({"x0": imgs.view(len(prompts), 8, *imgs.shape[1:])}, path)
-        prompt_x0 = load(path)["x0"]
-    elif latents != "random":
-        raise ValueError(f"latents must be 'random' or 'samples', got {latents!r}")
+        x0, _ = frozen_samples(parts, world, prompts, out_dir / "prompt_x0.pt", seed=seed + 778)
+        prompt_x0 = x0.view(len(prompts), -1, *x0.shape[1:])
     cfg = SepEnConfig(steps=steps, batch=batch, lr=lr, w_sep=w_sep, w_en=w_en, w_norm=w_norm, resolution=8, t_min=t_min,
                       save_every=50, backend=backend, extra={"prompt_set": prompt_set})
     ft = SepEnFinetuner(parts.eps_model(), specs, out_dir, cfg, norm_x0=norm_x0, norm_states=norm_states,
@@ -286,9 +287,9 @@ def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDCompo
         if detector is not None:
             r = shapes.score_samples(detector, imgs, rows)
             outcome = [next(k for k in shapes.OUTCOMES if r[k][i]).split("_")[0] for i in range(len(rows))]
-        if pick is None:  # per prompt: its first failing candidate under the first model, else candidate 0
-            pick = [next((i * n + c for c in range(n) if outcome[i * n + c] not in ("", "success")), i * n)
-                    for i in range(len(prompts))]
+        if pick is None:  # per prompt: its first candidate on which the first model failed, else candidate 0
+            failed = [o not in ("", "success") for o in outcome]
+            pick = [next((i * n + c for c in range(n) if failed[i * n + c]), i * n) for i in range(len(prompts))]
         imgs, rows = imgs[pick], [rows[i] for i in pick]
         cols.append((name, imgs, noun_maps(parts, world, imgs, rows, backend=backend), [outcome[i] for i in pick]))
     fig, axes = plt.subplots(len(prompts), 3 * len(cols), figsize=(1.6 * 3 * len(cols), 1.8 * len(prompts)))
