@@ -132,13 +132,24 @@ BACKGROUND_ID = 11
 METHODS = ["composable diffusion", "+ CompLift 50 trials", "+ CompLift cached", "+ CompLift adaptive"]
 
 
+PROTOCOLS = ("compkern", "public")
+# defaults of the options whose value depends on --protocol (public: compkern.experiments.demo_public)
+DEFAULTS = {"out": "compkern_demo", "n": 1000, "train_steps": 8000, "batch_size": 512, "hidden": 64, "depth": 3}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="compkern_demo", help="output folder (model cache, PNG, JSON)")
-    p.add_argument("--n", type=int, default=1000, help="samples generated per task")
-    p.add_argument("--train-steps", type=int, default=8000)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--depth", type=int, default=3)
+    from compkern.experiments import demo_public
+
+    p.add_argument("--protocol", default="compkern",
+                   help="compkern: one model with a background class and compkern's lift estimators; public: the "
+                        "public CompLift code's separate per-component models and tempered lift (see demo_public)")
+    p.add_argument("--out", default=None, help="output folder (model cache, PNG, JSON); default compkern_demo, "
+                                               "compkern_demo_public with --protocol public")
+    p.add_argument("--n", type=int, default=None, help="samples generated per task (default 1000; public 2000)")
+    p.add_argument("--train-steps", type=int, default=None, help="training steps (default 8000; public 6000 per model)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 512; public 128")
+    p.add_argument("--hidden", type=int, default=None, help="default 64; public 128")
+    p.add_argument("--depth", type=int, default=None, help="default 3; public 4")
     p.add_argument("--n-per-class", type=int, default=4000)
     p.add_argument("--sample-steps", type=int, default=50, help="ancestral (DDPM) sampling steps")
     p.add_argument("--z", type=float, default=2.5, help="adaptive CompLift: certainty of a sign, in standard errors")
@@ -149,6 +160,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads (default 1: these tensors are small; more threads only add overhead)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    demo_public.add_arguments(p)
 
 
 def train_model(out: Path, *, steps: int, batch_size: int, hidden: int, depth: int, n_per_class: int,
@@ -247,7 +259,7 @@ def _rows_per_decision(results, m) -> float:
     return rows / decisions
 
 
-def _plot(results: list[dict], path: Path) -> None:
+def _plot(results: list[dict], path: Path, method: str = "+ CompLift adaptive") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,7 +274,7 @@ def _plot(results: list[dict], path: Path) -> None:
         ax.scatter(x[acc, 0], x[acc, 1], s=2, c="tab:blue", alpha=0.7, label="accepted")
         m = r["methods"]
         ax.set_title(f"{r['task']}: {r['expr']}\nCD {100 * m['composable diffusion']['accuracy']:.0f}% -> "
-                     f"CompLift {100 * m['+ CompLift adaptive']['accuracy']:.0f}%", fontsize=8)
+                     f"CompLift {100 * m[method]['accuracy']:.0f}%", fontsize=8)
         ax.set_xlim(-1.6, 1.6)
         ax.set_ylim(-1.6, 1.6)
         ax.set_aspect("equal")
@@ -270,19 +282,38 @@ def _plot(results: list[dict], path: Path) -> None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(loc="lower left", fontsize=6, markerscale=4)
-    fig.suptitle("Composable Diffusion samples: accepted (blue) / rejected (red) by adaptive CompLift", fontsize=9)
+    fig.suptitle(f"Composable Diffusion samples: accepted (blue) / rejected (red) by {method.lstrip('+ ')}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def select_tasks(names: str | None) -> list[Task]:
+    """The tasks named in a comma-separated ``--tasks`` value (None: all nine)."""
+    tasks = complift_tasks()
+    if not names:
+        return tasks
+    keep = set(names.split(","))
+    unknown = keep - {t.name for t in tasks}
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {[t.name for t in tasks]}")
+    return [t for t in tasks if t.name in keep]
+
+
 def run(args: argparse.Namespace) -> int:
+    """Run the demo under ``args.protocol``; options left at None take that protocol's defaults."""
+    from compkern.experiments import demo_public
+
+    if args.protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol: unknown protocol {args.protocol!r}; choose from {list(PROTOCOLS)}")
+    defaults = demo_public.DEFAULTS if args.protocol == "public" else DEFAULTS
+    args = argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items() if getattr(args, k, None) is None}})
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return demo_public.run(args) if args.protocol == "public" else _run(args)
     finally:
         torch.set_num_threads(threads)
 
@@ -295,13 +326,7 @@ def _run(args: argparse.Namespace) -> int:
     model, schedule = train_model(out, steps=args.train_steps, batch_size=args.batch_size, hidden=args.hidden,
                                   depth=args.depth, n_per_class=args.n_per_class, seed=args.seed, progress=progress)
     t_train = time.time() - t_start
-    tasks = complift_tasks()
-    if args.tasks:
-        keep = set(args.tasks.split(","))
-        unknown = keep - {t.name for t in tasks}
-        if unknown:
-            raise ValueError(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {[t.name for t in tasks]}")
-        tasks = [t for t in tasks if t.name in keep]
+    tasks = select_tasks(args.tasks)
     g = torch.Generator().manual_seed(args.seed + 1)
     results = []
     from tqdm.auto import tqdm
