@@ -61,7 +61,7 @@ def _run(kind, step, n=3000, steps=150, **kw):
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(n, 2, generator=g)
     return annealed_mcmc(comp, x0, SCHED, kind=kind, timesteps=torch.tensor([0]), steps_per_level=steps,
-                         step_size=step, step_scale="constant", final_denoise=False, generator=g, **kw), comp
+                         step_size=step, step_scale="constant", adapt=False, final_denoise=False, generator=g, **kw), comp
 
 
 @pytest.mark.parametrize("kind,step,kw", [("mala", 0.15, {}), ("hmc", 0.35, {"leapfrog_steps": 3}),
@@ -102,7 +102,7 @@ def test_annealed_levels_with_diffusion_steps_and_mixture():
     comp = mixture(m, [0, 1])
     g = torch.Generator().manual_seed(0)
     res = annealed_mcmc(comp, torch.randn(2000, 2, generator=g), SCHED, kind="hmc", num_levels=20,
-                        steps_per_level=4, step_size=0.3, generator=g)
+                        steps_per_level=4, step_size=0.3, adapt=False, generator=g)
     assert res.accept_rates.shape == (20,) and bool(((res.accept_rates > 0) & (res.accept_rates < 1)).all())
     assert res.timesteps.tolist() == sorted(res.timesteps.tolist(), reverse=True)
     frac_right = float((res.x[:, 0] > 0).double().mean())
@@ -144,9 +144,10 @@ def test_bad_inputs():
         mixture(eps_only, [0, 1])
     for bad in (0.0, -0.1, float("nan"), torch.tensor([0.1, 0.0])):
         with pytest.raises(ValueError, match="step_size"):
-            annealed_mcmc(product(m, [0, 1]), x, SCHED, kind="ula", num_levels=2, step_size=bad)
+            annealed_mcmc(product(m, [0, 1]), x, SCHED, kind="ula", num_levels=2, step_size=bad, adapt=False)
     with pytest.raises(ValueError, match="step_size"):
-        annealed_mcmc(product(m, [0, 1]), x, SCHED, kind="ula", num_levels=3, step_size=torch.tensor([0.1, 0.1]))
+        annealed_mcmc(product(m, [0, 1]), x, SCHED, kind="ula", num_levels=3, step_size=torch.tensor([0.1, 0.1]),
+                      adapt=False)
     with pytest.raises(ValueError, match="kind"):
         annealed_mcmc(product(m, [0, 1]), x, SCHED, kind="nuts", num_levels=2)
     with pytest.raises(ValueError, match="coeffs"):

@@ -13,6 +13,18 @@ level the chain (one per batch row) first takes a DDPM step from the previous le
 
 Step sizes: ``step_size`` (a float or (L,) per level) times sigma_t^2 = 1 - abar_t for ULA/MALA
 (eta) and times sigma_t for HMC (h) when ``step_scale="noise"``; as given when "constant".
+
+Step-size adaptation (``adapt=True``, the default): one step per level, shared by all chains, tuned
+by Robbins-Monro on log(step) over the level's first ``adapt_steps`` MCMC steps (default: half of
+them): after each, log(step) += gain * (mean_b a_b - target_accept), a_b = min(1, exp(log_a_b)) the
+chain's Metropolis acceptance probability (NaN counts as 0). The level's remaining steps use the
+adapted step, and the next level starts from it (the first level from ``step_size`` scaled as
+above; a per-level step_size tensor fixes the steps and needs adapt=False). Targets: MALA 0.574
+(Roberts & Rosenthal 1998), HMC 0.75 (between 0.651 of Beskos et al. 2013 and Stan's 0.8). ULA has
+no correction; it adapts with the MALA acceptance of its own proposal, its energy difference taken
+by the trapezoid rule from the two eps it evaluates anyway (exact for Gaussian levels, no energies
+needed), toward the stricter target 0.95, which keeps ULA's discretization bias to a few percent.
+The adapted steps are reported in MCMCResult.step_sizes.
 After the last level, ``final_denoise`` maps x to the predicted x0 (the last DDIM step);
 ``clip_x0`` clamps the predicted x0 in these diffusion steps as in ddim_sample.
 
@@ -34,14 +46,18 @@ from compkern.samplers.diffusion import ddim_step
 __all__ = ["MCMCResult", "annealed_mcmc", "KINDS"]
 
 KINDS = ("ula", "mala", "hmc")
+TARGET_ACCEPT = {"ula": 0.99, "mala": 0.574, "hmc": 0.75}  # defaults of target_accept per kind
+_ADAPT_GAIN = 0.4  # Robbins-Monro gain: log(step) -= gain * clip(log(rejection / target rejection), -1, 1)
 
 
 @dataclass
 class MCMCResult:
-    """x (B, *S) the samples; timesteps (L,) the levels (descending); step_sizes (L,) the step
-    used per level (eta for ULA/MALA, leapfrog h for HMC); accept_rates (L,) the mean Metropolis
-    acceptance per level (None for ULA); n_evals the model rows evaluated; n_grad_calls the calls
-    of the composed energy/eps (each evaluates K x B rows)."""
+    """x (B, *S) the samples; timesteps (L,) the levels (descending); step_sizes (L,) float64 the
+    step per level (eta for ULA/MALA, leapfrog h for HMC; with adaptation the adapted step, used
+    for the level's steps after ``adapt_steps`` and carried to the next level); accept_rates (L,)
+    the mean Metropolis acceptance per level over all its steps (None for ULA); n_evals the model
+    rows evaluated; n_grad_calls the calls of the composed energy/eps (each evaluates K x B rows);
+    target_accept the acceptance the steps were adapted toward (None without adaptation)."""
 
     x: torch.Tensor
     timesteps: torch.Tensor
@@ -49,6 +65,7 @@ class MCMCResult:
     accept_rates: torch.Tensor | None
     n_evals: int
     n_grad_calls: int
+    target_accept: float | None = None
 
     @property
     def mean_accept(self) -> float | None:
@@ -77,8 +94,27 @@ def _check(kind, x_T, schedule, steps_per_level, leapfrog_steps, damping, step_s
     if not callable(composition):
         raise TypeError("composition must be an eps callable f(x_t, t) (e.g. compkern.samplers.product(...))")
     if kind in ("mala", "hmc") and not _has_energy(composition):
-        raise ValueError(f"kind={kind!r} needs energies for its Metropolis correction: compose an "
-                         "energy-parameterized model (compkern.models.EnergyMLP), or use kind='ula'")
+        raise ValueError(f"composition has no energies, and kind={kind!r} needs energies for its Metropolis "
+                         "correction: compose an energy-parameterized model (compkern.models.EnergyMLP), or use "
+                         "kind='ula'")
+
+
+def _adaptation(kind: str, adapt, target_accept, adapt_steps, steps_per_level: int) -> tuple[float | None, int]:
+    """(target acceptance or None without adaptation, number of adapting steps per level)."""
+    if not isinstance(adapt, bool):
+        raise TypeError(f"adapt must be a bool, got {type(adapt).__name__}")
+    if target_accept is not None:
+        if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)):
+            raise TypeError(f"target_accept must be a float in (0, 1), got {type(target_accept).__name__}")
+        if not 0 < target_accept < 1:  # also rejects NaN
+            raise ValueError(f"target_accept must lie in (0, 1), got {target_accept}")
+    if adapt_steps is not None and (isinstance(adapt_steps, bool) or not isinstance(adapt_steps, int)
+                                    or not 1 <= adapt_steps <= steps_per_level):
+        raise ValueError(f"adapt_steps must be an int in [1, steps_per_level={steps_per_level}], got {adapt_steps!r}")
+    if not adapt:
+        return None, 0
+    target = TARGET_ACCEPT[kind] if target_accept is None else float(target_accept)
+    return target, max(1, steps_per_level // 2) if adapt_steps is None else adapt_steps
 
 
 def _levels(schedule: NoiseSchedule, num_levels: int, timesteps) -> torch.Tensor:
@@ -93,20 +129,44 @@ def _levels(schedule: NoiseSchedule, num_levels: int, timesteps) -> torch.Tensor
 
 
 def _sum_rest(v: torch.Tensor) -> torch.Tensor:
-    return v.flatten(1).sum(1)
+    """(B, *S) -> (B,) float64 sums over all but the first axis."""
+    return v.flatten(1).double().sum(1)
+
+
+def _accept_prob(log_a: torch.Tensor) -> torch.Tensor:
+    """Metropolis acceptance probabilities min(1, exp(log_a)) (B,), NaN -> 0."""
+    return torch.nan_to_num(log_a.clamp(max=0).exp(), nan=0.0)
+
+
+def _ula_log_accept(x0: torch.Tensor, x1: torch.Tensor, grad0: torch.Tensor, grad1: torch.Tensor,
+                    eta: float) -> torch.Tensor:
+    """MALA log acceptance ratio (B,) of the ULA move x0 -> x1 (B, *S), with the energy difference
+    E(x1) - E(x0) by the trapezoid rule from grad E at both ends (exact for quadratic E)."""
+    dE = 0.5 * _sum_rest((grad0 + grad1) * (x1 - x0))
+    log_q_fwd = -_sum_rest((x1 - x0 + eta * grad0) ** 2) / (4 * eta)
+    log_q_rev = -_sum_rest((x0 - x1 + eta * grad1) ** 2) / (4 * eta)
+    return -dE + log_q_rev - log_q_fwd
 
 
 def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, kind: str = "ula",
                   num_levels: int = 50, timesteps: torch.Tensor | None = None, steps_per_level: int = 10,
-                  step_size: float | torch.Tensor = 0.05, step_scale: str = "noise", leapfrog_steps: int = 3,
+                  step_size: float | torch.Tensor = 0.05, step_scale: str = "noise", adapt: bool = True,
+                  target_accept: float | None = None, adapt_steps: int | None = None, leapfrog_steps: int = 3,
                   damping: float = 0.0, diffusion_step: bool = True, final_denoise: bool = True,
                   clip_x0: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> MCMCResult:
     """Annealed ULA / MALA / HMC from x_T (B, *S) (standard normal at the first level) through the
-    levels; returns an MCMCResult (samples, per-level acceptance rates, model evaluations)."""
+    levels; returns an MCMCResult (samples, per-level steps and acceptance rates, model evaluations).
+    ``adapt`` tunes the step per level toward ``target_accept`` (default TARGET_ACCEPT[kind]) over
+    the first ``adapt_steps`` steps of each level; ``step_size`` then only sets the first level's
+    starting step."""
     _check(kind, x_T, schedule, steps_per_level, leapfrog_steps, damping, step_scale, composition)
+    target, n_adapt = _adaptation(kind, adapt, target_accept, adapt_steps, steps_per_level)
     ts = _levels(schedule, num_levels, timesteps)
     L = len(ts)
     base = torch.as_tensor(step_size, dtype=torch.float64)
+    if adapt and base.dim() != 0:
+        raise ValueError("step_size: a per-level tensor fixes the steps; pass a float with adapt=True "
+                         "(the first level's starting step) or adapt=False")
     if base.dim() == 0:
         base = base.expand(L)
     if base.shape != (L,):
@@ -116,7 +176,8 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
     abar = schedule.alphas_cumprod
     sig2 = (1 - abar[ts])
     scale = 1.0 if step_scale == "constant" else (sig2 if kind != "hmc" else sig2.sqrt())
-    steps = (base * scale).double()
+    fixed_steps = (base * scale).double()  # (L,): the steps without adaptation; [0] starts the adaptation
+    chosen = torch.empty(L, dtype=torch.float64)
 
     need_energy = kind != "ula"
     counter = {"calls": 0}
@@ -136,12 +197,23 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
     def rand(n, device):
         return torch.rand(n, generator=generator, device=device)
 
+    def adapted(h: float, prob: torch.Tensor, i: int, t: int) -> float:
+        mean_prob = float(prob.mean())
+        log_ratio = math.log(max(1.0 - mean_prob, 1e-300) / (1.0 - target))  # rejection / target rejection
+        h_new = h * math.exp(-_ADAPT_GAIN * min(max(log_ratio, -1.0), 1.0))
+        if not math.isfinite(h_new) or h_new <= 0:
+            raise ValueError(f"step_size: the adapted step became {h_new} at level {i} (t={t}): mean acceptance "
+                             f"{mean_prob:.3g} vs target_accept={target}; the composition's energies may be "
+                             "flat or non-finite there (check it, or pass adapt=False with a fixed step_size)")
+        return h_new
+
     x = x_T
     B = x.shape[0]
     view = (B,) + (1,) * (x.dim() - 1)
     accept = torch.zeros(L, dtype=torch.float64) if need_energy else None
     state = None  # (E, eps) at the current x and level
     v = None
+    h = float(fixed_steps[0])
     with torch.no_grad():
         for i, t in enumerate(tqdm(ts.tolist(), desc=f"annealed {kind}", disable=not progress, leave=False)):
             t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
@@ -149,21 +221,24 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
                 t_prev = int(ts[i - 1])
                 x = ddim_step(x, state[1], float(abar[t_prev]), float(abar[t]), eta=1.0, clip_x0=clip_x0,
                               generator=generator)
-                state = None
+            state = energy_eps(x, t_vec)  # every level: energy and eps of its own t
             sigma = float(sig2[i]) ** 0.5
-            if state is None:
-                state = energy_eps(x, t_vec)
-            h = float(steps[i])
+            if not adapt:
+                h = float(fixed_steps[i])
             if kind == "hmc":
                 v = randn_like(x)
-            for _ in range(steps_per_level):
+            for k in range(steps_per_level):
                 E0, eps0 = state
                 if kind == "ula":
-                    x = x - (h / sigma) * eps0 + math.sqrt(2 * h) * randn_like(x)
-                    if not bool(torch.isfinite(x).all()):
+                    xp = x - (h / sigma) * eps0 + math.sqrt(2 * h) * randn_like(x)
+                    if not bool(torch.isfinite(xp).all()):
                         raise FloatingPointError(f"annealed ULA diverged at level {i} (t={t}, eta={h:.3g}): "
                                                  "lower step_size")
-                    state = energy_eps(x, t_vec)
+                    state = energy_eps(xp, t_vec)
+                    if k < n_adapt:
+                        log_a = _ula_log_accept(x, xp, eps0 / sigma, state[1] / sigma, h)
+                        h_next = adapted(h, _accept_prob(log_a), i, t)
+                    x = xp
                 elif kind == "mala":
                     mean_f = x - (h / sigma) * eps0
                     xp = mean_f + math.sqrt(2 * h) * randn_like(x)
@@ -171,8 +246,8 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
                     mean_r = xp - (h / sigma) * epsp
                     log_q_fwd = -_sum_rest((xp - mean_f) ** 2) / (4 * h)
                     log_q_rev = -_sum_rest((x - mean_r) ** 2) / (4 * h)
-                    log_a = (E0 - Ep + log_q_rev - log_q_fwd).float()
-                    acc = torch.log(rand(B, x.device)) < log_a  # NaN proposals are rejected
+                    log_a = (E0.double() - Ep.double() + log_q_rev - log_q_fwd)
+                    acc = torch.log(rand(B, x.device)).double() < log_a  # NaN proposals are rejected
                     x = torch.where(acc.view(view), xp, x)
                     state = (torch.where(acc, Ep, E0), torch.where(acc.view(view), epsp, eps0))
                     accept[i] += acc.double().mean().item()
@@ -184,12 +259,15 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
                         xn = xn + h * vn
                         En, epsn = energy_eps(xn, t_vec)
                         vn = vn - ((h if l < leapfrog_steps - 1 else 0.5 * h) / sigma) * epsn
-                    log_a = ((E0 + 0.5 * _sum_rest(v0 ** 2)) - (En + 0.5 * _sum_rest(vn ** 2))).float()
-                    acc = torch.log(rand(B, x.device)) < log_a
+                    log_a = ((E0.double() + 0.5 * _sum_rest(v0 ** 2)) - (En.double() + 0.5 * _sum_rest(vn ** 2)))
+                    acc = torch.log(rand(B, x.device)).double() < log_a
                     x = torch.where(acc.view(view), xn, x)
                     v = torch.where(acc.view(view), vn, -v0)
                     state = (torch.where(acc, En, E0), torch.where(acc.view(view), epsn, eps0))
                     accept[i] += acc.double().mean().item()
+                if k < n_adapt:
+                    h = h_next if kind == "ula" else adapted(h, _accept_prob(log_a), i, t)
+            chosen[i] = h
             if not bool(torch.isfinite(x).all()):
                 raise FloatingPointError(f"annealed {kind}: non-finite samples at level {i} (t={t})")
         if final_denoise:
@@ -198,5 +276,5 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
         accept /= steps_per_level
     evals = getattr(composition, "n_evals", None)
     n_evals = evals - evals0 if isinstance(evals, int) and isinstance(evals0, int) else counter["calls"] * B
-    return MCMCResult(x=x, timesteps=ts, step_sizes=steps.float(), accept_rates=accept, n_evals=n_evals,
-                      n_grad_calls=counter["calls"])
+    return MCMCResult(x=x, timesteps=ts, step_sizes=chosen, accept_rates=accept, n_evals=n_evals,
+                      n_grad_calls=counter["calls"], target_accept=target)
