@@ -16,15 +16,18 @@ Step sizes: ``step_size`` (a float or (L,) per level) times sigma_t^2 = 1 - abar
 
 Step-size adaptation (``adapt=True``, the default): one step per level, shared by all chains, tuned
 by Robbins-Monro on log(step) over the level's first ``adapt_steps`` MCMC steps (default: half of
-them): after each, log(step) += gain * (mean_b a_b - target_accept), a_b = min(1, exp(log_a_b)) the
-chain's Metropolis acceptance probability (NaN counts as 0). The level's remaining steps use the
-adapted step, and the next level starts from it (the first level from ``step_size`` scaled as
-above; a per-level step_size tensor fixes the steps and needs adapt=False). Targets: MALA 0.574
-(Roberts & Rosenthal 1998), HMC 0.75 (between 0.651 of Beskos et al. 2013 and Stan's 0.8). ULA has
-no correction; it adapts with the MALA acceptance of its own proposal, its energy difference taken
-by the trapezoid rule from the two eps it evaluates anyway (exact for Gaussian levels, no energies
-needed), toward the stricter target 0.95, which keeps ULA's discretization bias to a few percent.
-The adapted steps are reported in MCMCResult.step_sizes.
+them). After each, log(step) -= gain * clip(log(r / (1 - target_accept)), -1, 1), gain 0.4, with r
+the chains' mean rejection probability 1 - min(1, exp(log_a)) (a NaN ratio rejects). The level's
+remaining steps use the geometric mean of these iterates (Polyak averaging: it damps the
+oscillation where the acceptance falls steeply with the step), and the next level starts from it;
+the first level starts from ``step_size`` scaled as above (a per-level step_size tensor fixes the
+steps and needs adapt=False). Default targets (TARGET_ACCEPT): MALA 0.574 (Roberts & Rosenthal
+1998), HMC 0.75 (between Beskos et al. 2013's 0.651 and Stan's 0.8). ULA has no correction: it
+adapts on the MALA acceptance of its own move, the energy difference taken by the trapezoid rule
+from the two eps it evaluates anyway (exact for Gaussian levels; no energies needed), toward the
+stricter 0.99, which holds ULA's bias to about +2% in std on Gaussian levels. MCMCResult.step_sizes
+reports the adapted steps.
+
 After the last level, ``final_denoise`` maps x to the predicted x0 (the last DDIM step);
 ``clip_x0`` clamps the predicted x0 in these diffusion steps as in ddim_sample.
 
@@ -35,6 +38,7 @@ energy-parameterized model). Model evaluations are counted in rows (``compositio
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -198,13 +202,15 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
         return torch.rand(n, generator=generator, device=device)
 
     def adapted(h: float, prob: torch.Tensor, i: int, t: int) -> float:
+        """The next step from h and the chains' acceptance probabilities prob (B,), in log space."""
         mean_prob = float(prob.mean())
         log_ratio = math.log(max(1.0 - mean_prob, 1e-300) / (1.0 - target))  # rejection / target rejection
-        h_new = h * math.exp(-_ADAPT_GAIN * min(max(log_ratio, -1.0), 1.0))
-        if not math.isfinite(h_new) or h_new <= 0:
-            raise ValueError(f"step_size: the adapted step became {h_new} at level {i} (t={t}): mean acceptance "
-                             f"{mean_prob:.3g} vs target_accept={target}; the composition's energies may be "
-                             "flat or non-finite there (check it, or pass adapt=False with a fixed step_size)")
+        h_new = math.exp(math.log(h) - _ADAPT_GAIN * min(max(log_ratio, -1.0), 1.0))
+        if not math.isfinite(h_new) or h_new < sys.float_info.min:  # subnormal steps would stall, not shrink
+            raise ValueError(f"step_size: the adapted step left the positive finite range (became {h_new:.3g}) at "
+                             f"level {i} (t={t}): mean acceptance {mean_prob:.3g} vs target_accept={target}; the "
+                             "composition's energies may be flat or non-finite there (check them, or pass "
+                             "adapt=False with a fixed step_size)")
         return h_new
 
     x = x_T
@@ -225,6 +231,7 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
             sigma = float(sig2[i]) ** 0.5
             if not adapt:
                 h = float(fixed_steps[i])
+            log_h_sum = 0.0  # of the level's adapted iterates
             if kind == "hmc":
                 v = randn_like(x)
             for k in range(steps_per_level):
@@ -267,6 +274,9 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
                     accept[i] += acc.double().mean().item()
                 if k < n_adapt:
                     h = h_next if kind == "ula" else adapted(h, _accept_prob(log_a), i, t)
+                    log_h_sum += math.log(h)
+                    if k == n_adapt - 1:  # the average damps oscillation where acceptance falls steeply
+                        h = math.exp(log_h_sum / n_adapt)
             chosen[i] = h
             if not bool(torch.isfinite(x).all()):
                 raise FloatingPointError(f"annealed {kind}: non-finite samples at level {i} (t={t})")
