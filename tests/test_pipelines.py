@@ -21,10 +21,11 @@ from compkern.pipelines.lift_maps import overlay, save_overlays
 from compkern.pipelines.tiny import save_tiny_pipeline
 
 PROMPT = "a black car AND a white clock AND NOT a dog"
-# Settings under which the tiny SD model accepts some images and rejects others (see
-# test_generate_accepts_and_rejects): object rule with threshold 0 and 23 of 64 latent pixels.
+# Settings under which the tiny random SD model accepts some images and rejects others (see
+# test_generate_accepts_and_rejects): cached noise target, object rule with threshold 0 and 50 of
+# 64 latent pixels (random weights: the decisions mean nothing, the mechanics are tested).
 GEN = ["--prompt", "a black car AND NOT a dog", "--steps", "3", "--batch-size", "4", "--dtype", "fp32",
-       "--device", "cpu", "--threshold", "0", "--min-pixels", "23", "--threads", "1"]
+       "--device", "cpu", "--target", "noise", "--threshold", "0", "--min-pixels", "50", "--threads", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
@@ -66,11 +67,10 @@ def _reference_conditions(path: Path, sdxl: bool, comp) -> list[dict]:
     tid = ref._get_add_time_ids((size, size), (0, 0), (size, size), torch.float32,
                                 text_encoder_projection_dim=ref.text_encoder_2.config.projection_dim)
     out = []
-    for i, c in enumerate(comp.components):
-        pe, ne, pp, npool = ref.encode_prompt(c, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
-        if i == 0:  # force_zeros_for_empty_prompt: the null row is all zeros
-            out.append({"encoder_hidden_states": ne, "added_cond_kwargs": {"text_embeds": npool, "time_ids": tid}})
+    for c in ["", *comp.components]:  # the null row is "" encoded like any prompt (CompLift's public code), not zeroed
+        pe, _, pp, _ = ref.encode_prompt(c, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
         out.append({"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pp, "time_ids": tid}})
+    assert float(out[0]["encoder_hidden_states"].abs().max()) > 0
     return out
 
 
@@ -98,8 +98,8 @@ def test_composed_eps_equals_per_prompt_calls(which, request):
 def test_prompts_encoded_once_and_records_equal_separate_calls(sd):
     sd.encode(["", "a black car", "a white clock", "a dog"])
     before = sd.n_encodes
-    out = sd(PROMPT, seeds=[5, 6], num_inference_steps=4, output_type="pt")
-    out2 = sd(PROMPT, seeds=[5, 6], num_inference_steps=4, output_type="latent", chunk_size=3)
+    out = sd(PROMPT, seeds=[5, 6], num_inference_steps=4, output_type="pt", generate="composed")
+    out2 = sd(PROMPT, seeds=[5, 6], num_inference_steps=4, output_type="latent", chunk_size=3, generate="composed")
     assert sd.n_encodes == before  # cached: neither call ran the text encoder
     assert out.images.shape == (2, 3, 16, 16) and 0 <= float(out.images.min()) and float(out.images.max()) <= 1
     assert out.n_evals == 4 * 4 * 2 and len(out.record) == 4
@@ -109,8 +109,52 @@ def test_prompts_encoded_once_and_records_equal_separate_calls(sd):
         assert preds.device == x_t.device
         torch.testing.assert_close(preds, sd.predict(x_t, t, emb), atol=1e-6, rtol=1e-5)
     # seeds fix each image regardless of its batch
-    single = sd(PROMPT, seeds=[6], num_inference_steps=4, output_type="latent")
+    single = sd(PROMPT, seeds=[6], num_inference_steps=4, output_type="latent", generate="composed")
     torch.testing.assert_close(single.latents[0], out.latents[1], atol=2e-4, rtol=1e-3)
+
+
+def test_ancestral_noise_follows_each_seed_not_the_batch(sd):
+    """eta > 0: image i's step noise comes from its own seed's generator (diffusers' list of
+    generators), so it is the same image alone, first or second in a batch."""
+    pair = sd(PROMPT, seeds=[5, 6], num_inference_steps=4, output_type="latent", eta=1.0)
+    for b, s in enumerate([5, 6]):
+        alone = sd(PROMPT, seeds=[s], num_inference_steps=4, output_type="latent", eta=1.0)
+        torch.testing.assert_close(alone.latents[0], pair.latents[b], atol=2e-4, rtol=1e-3)
+    swapped = sd(PROMPT, seeds=[6, 5], num_inference_steps=4, output_type="latent", eta=1.0)
+    torch.testing.assert_close(swapped.latents.flip(0), pair.latents, atol=2e-4, rtol=1e-3)
+    ddim = sd(PROMPT, seeds=[5, 6], num_inference_steps=4, output_type="latent")
+    assert not torch.allclose(ddim.latents, pair.latents, atol=1e-3)  # the noise was really added
+
+
+def test_joint_generation_is_guidance_on_the_joint_caption(sd):
+    """generate='joint' (the default): eps = eps_0 + g (eps_joint - eps_0) + g sum over the
+    non-required components (NOT pushes away); the joint caption is row K+1 of the record."""
+    comp, emb = sd.prepare(PROMPT, with_joint=True)
+    assert comp.joint == "a black car and a white clock" and comp.joint_row == 4 and len(emb) == 5
+    assert emb.prompts == ["", "a black car", "a white clock", "a dog", "a black car and a white clock"]
+    assert comp.weights(2.0, generate="joint", rows=5).tolist() == [0.0, 0.0, -2.0, 2.0]
+    out = sd(PROMPT, seeds=[3], num_inference_steps=3, output_type="latent", guidance_scale=2.0)
+    assert out.generate == "joint" and out.n_evals == 3 * 5 and out.record.preds[0].shape[0] == 5
+    p = out.record.preds[0]
+    want = p[0] + 2.0 * (p[4] - p[0]) - 2.0 * (p[3] - p[0])
+    ref = sd(PROMPT, seeds=[3], num_inference_steps=1, output_type="latent", guidance_scale=2.0)
+    x_T = sd.initial_latents([3])
+    a = float(sd.schedule.alphas_cumprod[int(ref.record.t[0][0])])
+    torch.testing.assert_close(ref.latents, (x_T - (1 - a) ** 0.5 * want) / a ** 0.5, atol=1e-4, rtol=1e-4)
+    # without a record only the rows generation weighs are evaluated (base, dog, joint)
+    bare = sd(PROMPT, seeds=[3], num_inference_steps=3, output_type="latent", guidance_scale=2.0, record=False)
+    assert bare.n_evals == 3 * 3
+    torch.testing.assert_close(bare.latents, out.latents, atol=1e-4, rtol=1e-4)
+    # a joint that is one component ("a cat AND NOT a dog" -> "a cat") reuses that row
+    c2 = parse_composition("a cat AND NOT a dog")
+    assert c2.joint == "a cat" and c2.joint_row == 1 and c2.condition_prompts() == ["", "a cat", "a dog"]
+    # no required component: composed, and asking for joint weights says why not
+    c3 = parse_composition("a cat OR a dog")
+    assert c3.joint is None and sd(c3, seeds=[1], num_inference_steps=1, output_type="latent").generate == "composed"
+    with pytest.raises(ValueError, match="generate='joint'"):
+        c3.weights(generate="joint")
+    with pytest.raises(ValueError, match="generate"):
+        sd(PROMPT, seeds=[1], num_inference_steps=1, generate="mixed")
 
 
 def test_auto_chunks_halve_on_out_of_memory(sd, monkeypatch):
@@ -125,14 +169,14 @@ def test_auto_chunks_halve_on_out_of_memory(sd, monkeypatch):
             raise torch.OutOfMemoryError("simulated")
         return real(self, x_t, t, ids)
 
-    ref = sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent")
+    ref = sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent", generate="composed")
     monkeypatch.setattr(composition.ConditionedUNet, "__call__", limited)
-    out = sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent", chunk_size="auto")
+    out = sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent", chunk_size="auto", generate="composed")
     assert sd.last_chunk_size == 4 and calls[:2] == [8, 4]  # 8 rows failed, then chunks of 4
     assert out.n_evals == 2 * 8 and len(out.record) == 2
     torch.testing.assert_close(out.latents, ref.latents, atol=2e-4, rtol=1e-3)
     with pytest.raises(torch.OutOfMemoryError):
-        sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent", chunk_size=8)
+        sd(PROMPT, seeds=[1, 2], num_inference_steps=2, output_type="latent", chunk_size=8, generate="composed")
 
 
 def test_v_prediction_outputs_are_converted_to_eps(tmp_path):
@@ -157,9 +201,15 @@ def test_expression_parsing_and_errors():
 def test_cached_lift_maps_match_the_definition(sd):
     out = sd(PROMPT, seeds=[1, 2], num_inference_steps=5, output_type="latent")
     signs = torch.tensor(out.composition.signs)
-    maps = cached_lift_maps(out.record, signs)
+    P = torch.stack(out.record.preds).double()  # (T, K+2, B, C, h, w): the joint caption is row 4
+    joint = cached_lift_maps(out.record, signs, joint_row=out.composition.joint_row)  # target='joint'
+    d = (P[:, 4:5] - P[:, :1]).square() - (P[:, 4:5] - P[:, 1:4]).square()
+    torch.testing.assert_close(joint.pixel_lift.double(), d.mean(dim=(0, 3)), atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="joint_row"):
+        cached_lift_maps(out.record, signs)
+    maps = cached_lift_maps(out.record, signs, target="composed")
     assert maps.n_evals == 0 and maps.n_trials == 5 and maps.pixel_lift.shape == (3, 2, 8, 8)
-    P = torch.stack(out.record.preds).double()  # (T, K+1, B, C, h, w)
+    P = P[:, :4]  # (T, K+1, B, C, h, w)
     target = P[:, 0] + (signs.double()[None, :, None, None, None, None] * (P[:, 1:] - P[:, :1])).sum(1)
     d = (target[:, None] - P[:, :1]).square() - (target[:, None] - P[:, 1:]).square()
     torch.testing.assert_close(maps.pixel_lift.double(), d.mean(dim=(0, 3)), atol=1e-6, rtol=1e-4)
@@ -167,7 +217,7 @@ def test_cached_lift_maps_match_the_definition(sd):
     noise = cached_lift_maps(out.record, signs, target="noise", latents=out.latents, schedule=sd.schedule)
     assert noise.pixel_lift.shape == maps.pixel_lift.shape and not torch.allclose(noise.pixel_lift, maps.pixel_lift)
     with pytest.raises(ValueError, match="signs"):
-        cached_lift_maps(out.record, torch.ones(2))
+        cached_lift_maps(out.record, torch.ones(5), target="composed")  # 5 components need 6 rows
     with pytest.raises(ValueError, match="target"):
         cached_lift_maps(out.record, signs, target="x")
 
@@ -178,7 +228,7 @@ def test_fixed_and_fresh_trials(sd):
     comp, emb = sd.prepare("a black car AND NOT a dog")
     x0 = torch.randn(2, 4, 8, 8)
     signs = torch.tensor(comp.signs)
-    maps = fixed_lift_maps(sd, x0, emb, signs, n_trials=5, chunk_trials=2)  # uneven chunks
+    maps = fixed_lift_maps(sd, x0, emb, signs, n_trials=5, chunk_trials=2, target="composed")  # uneven chunks
     assert maps.n_evals == 5 * 3 * 2 and maps.n_trials == 5
     ts, bank = evenly_spaced_trials(sd.schedule.num_steps, 5, (4, 8, 8))
     assert ts.tolist() == [999, 749, 499, 250, 0]
@@ -189,6 +239,13 @@ def test_fixed_and_fresh_trials(sd):
         tgt = p[0] + (signs.double()[:, None, None, None, None] * (p[1:] - p[:1])).sum(0)
         ref += ((tgt - p[0]).square() - (tgt - p[1:]).square()).mean(2) / 5
     torch.testing.assert_close(maps.pixel_lift.double(), ref, atol=1e-6, rtol=1e-4)
+    joint = fixed_lift_maps(sd, x0, emb, signs, n_trials=5, chunk_trials=5, joint_row=comp.joint_row)
+    ref = torch.zeros(2, 2, 8, 8, dtype=torch.float64)
+    for i in range(5):
+        t = ts[i].expand(2)
+        p = sd.predict(sd.schedule.add_noise(x0, bank[i].expand(2, 4, 8, 8), t), t, emb).double()
+        ref += ((p[1] - p[0]).square() - (p[1] - p[1:]).square()).mean(2) / 5  # "a black car" is the joint
+    torch.testing.assert_close(joint.pixel_lift.double(), ref, atol=1e-6, rtol=1e-4)
     fresh = fresh_lift_maps(sd, x0, emb, n_trials=4)
     assert fresh.n_evals == 4 * 3 * 2 and fresh.pixel_lift.shape == (2, 2, 8, 8)
     assert torch.isfinite(fresh.pixel_lift).all()
@@ -212,6 +269,51 @@ def test_object_rule_counts_pixels_against_the_threshold():
         accept(comp, maps, rule="max")
     with pytest.raises(ValueError, match="min_pixels"):
         maps.scores(0.0, -1)
+    # a fraction asks for ceil(fraction x h x w) pixels: 0.27 of 16 is 4.32 -> 5, so 4 do not pass
+    assert maps.min_count(0.27) == 5 and maps.min_count(0.25) == 4 and maps.min_count(3) == 3
+    assert accept(comp, maps, threshold=0.5, min_pixels=0.27).tolist() == [True, False, False]
+    for bad in (0, 2.5, 17):  # nothing, a fractional count, more pixels than the latent has
+        with pytest.raises(ValueError, match="min_pixels"):
+            maps.scores(0.0, bad)
+    # the default is a share of the image, so a 16 x 16 latent can hold an object
+    from compkern.pipelines.lift_maps import DEFAULT_MIN_PIXELS
+    small = LiftMaps(torch.zeros(2, 1, 16, 16), 1, 0)
+    assert small.min_count(DEFAULT_MIN_PIXELS) == 5 and LiftMaps(torch.zeros(1, 1, 128, 128), 1, 0).min_count(DEFAULT_MIN_PIXELS) == 300
+
+
+def test_not_can_fail_on_a_record_with_both_objects_drawn():
+    """A synthetic record (the review's check): A's signal in the left half, B's in the right
+    half, the joint caption explaining both. "A AND NOT B" must reject it with the joint and the
+    noise targets; the composed target (eps_0 + a - b) makes B's lift 2 a.b - 3 |b|^2 < 0 where
+    the maps do not overlap, so it accepts."""
+    from compkern.models.schedule import NoiseSchedule
+    from compkern.samplers.composed import StepRecord
+
+    sched = NoiseSchedule.cosine(1000)
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = 1, 4, 8, 8
+    x0 = torch.randn(B, C, H, W, generator=g)
+    rec = StepRecord()
+    left = torch.zeros(1, 1, 1, W)
+    left[..., : W // 2] = 1.0
+    for t in (900, 600, 300):
+        noise = torch.randn(B, C, H, W, generator=g)
+        x_t = sched.add_noise(x0, noise, torch.full((B,), t))
+        e0 = noise + torch.randn(B, C, H, W, generator=g)  # the null explains neither object
+        eA = torch.where(left.bool(), noise, e0)  # A explains the left half, B the right half
+        eB = torch.where(left.bool(), e0, noise)
+        rec.x_t.append(x_t)
+        rec.t.append(torch.full((B,), t))
+        rec.preds.append(torch.stack([e0, eA, eB, noise]))  # row 3: a joint caption that explains both
+    comp = parse_composition("a A AND NOT a B")
+    signs = torch.tensor(comp.signs)
+    rule = dict(threshold=0.0, min_pixels=0.25)
+    for target, joint_row in (("joint", 3), ("noise", None)):
+        maps = cached_lift_maps(rec, signs, target=target, joint_row=joint_row, latents=x0, schedule=sched)
+        assert maps.scores(**rule)[1, 0] > 0, target  # B is present ...
+        assert not bool(accept(comp, maps, **rule)[0]), target  # ... so NOT B fails
+    composed = cached_lift_maps(rec, signs, target="composed")
+    assert bool(accept(comp, composed, **rule)[0])  # the old default accepts it
 
 
 def test_overlays(tmp_path):
@@ -244,7 +346,7 @@ def test_generate_accepts_and_rejects_then_resumes(sd_path, tmp_path):
     assert m["components"] == ["a black car", "a dog"] and m["unet_rows"] == m["attempted"] * 3 * 3
     for r in m["accepted"]:
         assert (out / r["image"]).exists() and len(r["maps"]) == 2 and all((out / f).exists() for f in r["maps"])
-        assert r["pixels_above"][0] >= 23 and r["pixels_above"][1] < 23
+        assert r["pixels_above"][0] >= 50 and r["pixels_above"][1] < 50
     shards = sorted((out / "shards").glob("batch-*.pt"))
     stamps = {f.name: f.stat().st_mtime_ns for f in shards}
     # an interrupted run: the last batch never committed
@@ -264,7 +366,7 @@ def test_generate_accepts_and_rejects_then_resumes(sd_path, tmp_path):
 
 def test_generate_with_fresh_adaptive_trials(sd_path, tmp_path):
     out = tmp_path / "fresh"
-    args = [a for a in GEN if a not in ("--threshold", "0", "--min-pixels", "23")]
+    args = [a for a in GEN if a not in ("--threshold", "0", "--min-pixels", "50")]
     assert _run(["--model", str(sd_path), "--out", str(out), "--n", "2", "--max-attempts", "4", "--lift", "fresh",
                  "--rule", "mean", "--trials", "8", "--save-rejected", *args]) == 0
     m = json.loads((out / "manifest.json").read_text())

@@ -17,6 +17,12 @@ between the colors; with 2% pairs and one-word nouns it fails on held-out pairs 
 (9-15% at 4000 steps) and confusing (16-22%) objects.
 ``score_samples`` scores the two failure kinds separately.
 
+Uncaptioned extras (``extra_fraction``): with that probability a single-object scene also holds
+the object's *companion* (``companion``: the next color and the next shape, so it differs in
+both), which its caption does not name, as a dining table in a photo usually comes with chairs.
+"a red_square" then often draws a green_cross too, so "red_square AND NOT green_cross" has
+something to reject: the world in which CompLift's NOT and the main-job benchmark mean something.
+
 Text side: a word-level tokenizer (``build_tokenizer``) and a frozen, randomly initialised
 ``CLIPTextModel`` with zero transformer layers (``build_text_encoder``): its output is
 LayerNorm(word embedding + position embedding), a fixed per-word code with positions and no
@@ -79,6 +85,13 @@ def parse_caption(text: str, naming: str = "attributes") -> tuple[int, ...]:
                              f"(form: {caption((0, 8), naming)!r})")
         objs.append(names[key])
     return tuple(objs)
+
+
+def companion(obj: int) -> int:
+    """The uncaptioned extra that object ``obj`` brings along: next color, next shape
+    (red_square -> green_cross -> blue_ring -> red_square; a permutation of the nine objects)."""
+    c, s = divmod(int(obj), len(SHAPES))
+    return ((c + 1) % len(COLORS)) * len(SHAPES) + (s + 1) % len(SHAPES)
 
 
 def distinct_pairs() -> list[tuple[int, int]]:
@@ -162,24 +175,31 @@ def random_layout(n: torch.Tensor, generator: torch.Generator | None = None, *, 
 class ShapesWorld:
     """The training distribution and the prompt sets.
 
-    ``sample_batch`` draws (images, object lists): with probability ``pair_fraction`` a seen pair
-    (in random order), else a single object; captions come from ``self.caption(objs)``; caption
+    ``sample_batch`` draws (images, named objects): with probability ``pair_fraction`` a seen pair
+    (in random order), else a single object, which with probability ``extra_fraction`` also
+    brings its uncaptioned ``companion``; captions come from ``self.caption(objs)``; caption
     dropout is the trainer's business."""
 
     pair_fraction: float = 0.1
     n_held_out: int = 6
     split_seed: int = 0
     naming: str = "attributes"
+    extra_fraction: float = 0.0
 
     def __post_init__(self):
         if not 0 <= self.pair_fraction <= 1:
             raise ValueError(f"pair_fraction must lie in [0, 1], got {self.pair_fraction}")
+        if not 0 <= self.extra_fraction <= 1:
+            raise ValueError(f"extra_fraction must lie in [0, 1], got {self.extra_fraction}")
         _check_naming(self.naming)
         self.seen_pairs, self.held_out_pairs = split_pairs(self.n_held_out, self.split_seed)
 
     def to_dict(self) -> dict:
-        return {"pair_fraction": self.pair_fraction, "n_held_out": self.n_held_out, "split_seed": self.split_seed,
-                "naming": self.naming}
+        d = {"pair_fraction": self.pair_fraction, "n_held_out": self.n_held_out, "split_seed": self.split_seed,
+             "naming": self.naming}
+        if self.extra_fraction:  # older run folders have no such key
+            d["extra_fraction"] = self.extra_fraction
+        return d
 
     def caption(self, objs: tuple[int, ...] | list[int]) -> str:
         return caption(objs, self.naming)
@@ -203,7 +223,8 @@ class ShapesWorld:
         return [""] + [self.caption(p) for p in self.singles() + self.seen_prompts() + self.held_out_prompts()]
 
     def sample_batch(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-        """-> images (B, 3, 16, 16), object tuples (the caption of row b is self.caption(objs[b]))."""
+        """-> images (B, 3, 16, 16), named object tuples (the caption of row b is
+        self.caption(objs[b]); an uncaptioned extra is drawn but not listed)."""
         is_pair = torch.rand(batch, generator=generator) < self.pair_fraction
         objs = torch.full((batch, 2), -1, dtype=torch.long)
         single = torch.randint(0, len(OBJECTS), (batch,), generator=generator)
@@ -213,9 +234,14 @@ class ShapesWorld:
         seen = torch.where(flip.unsqueeze(1), seen.flip(1), seen)
         objs[:, 0] = torch.where(is_pair, seen[:, 0], single)
         objs[:, 1] = torch.where(is_pair, seen[:, 1], torch.full_like(single, -1))
-        pos, size = random_layout(1 + is_pair.long(), generator, max_objects=2)
+        named = 1 + is_pair.long()
+        if self.extra_fraction > 0:  # a single's companion takes the free second slot, uncaptioned
+            extra = ~is_pair & (torch.rand(batch, generator=generator) < self.extra_fraction)
+            mates = torch.tensor([companion(o) for o in range(len(OBJECTS))])[single]
+            objs[:, 1] = torch.where(extra, mates, objs[:, 1])
+        pos, size = random_layout((objs >= 0).sum(1), generator, max_objects=2)
         images = render(objs, pos, size)
-        tuples = [tuple(int(o) for o in row if o >= 0) for row in objs]
+        tuples = [tuple(int(o) for o in row[:k]) for row, k in zip(objs, named.tolist())]
         return images, tuples
 
 

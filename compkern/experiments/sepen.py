@@ -376,6 +376,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--what", choices=["base", "detector", "all", "export"], default="all",
                    help="train: which part (export: write the latest base checkpoint's EMA as base/model)")
     p.add_argument("--pair-fraction", type=float, default=0.1, help="train: share of two-object scenes")
+    p.add_argument("--extra-fraction", type=float, default=0.0,
+                   help="train: share of single-object scenes that also hold their uncaptioned companion object")
     p.add_argument("--naming", choices=shapes.NAMINGS, default="attributes",
                    help="train: captions 'a red square and a blue ring' (attributes) or 'a red_square and a blue_ring' "
                         "(nouns: one word per object)")
@@ -409,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    world = shapes.ShapesWorld(pair_fraction=args.pair_fraction, naming=args.naming)
+    world = shapes.ShapesWorld(pair_fraction=args.pair_fraction, naming=args.naming, extra_fraction=args.extra_fraction)
     if args.action == "train" and args.what in ("base", "all"):
         saved = load_world(out, world)
         if saved != world:

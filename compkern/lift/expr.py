@@ -76,6 +76,12 @@ class Expr:
         _weights(self._node, 1.0, w)
         return w
 
+    def required(self) -> list[int]:
+        """Components every satisfying assignment needs to hold (in order): the positive atoms of
+        the top-level AND; under an OR only those all of its branches require; none under a NOT.
+        ``"A AND (B OR C) AND NOT D"`` -> [A]; ``"(A AND B) OR (A AND C)"`` -> [A]."""
+        return sorted(_required(self._node))
+
     def sample_weights(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, K) per-sample weights: like ``weights()``, except that every OR picks one operand
         per sample at random (ancestral sampling of a mixture, which weights alone cannot express)."""
@@ -119,6 +125,16 @@ def _eval3(node, pos, neg):
     if op == "and":
         return ts.all(0), fs.any(0)
     return ts.any(0), fs.all(0)  # or
+
+
+def _required(node) -> set[int]:
+    op = node[0]
+    if op == "atom":
+        return {node[1]}
+    if op == "not":
+        return set()
+    sets = [_required(c) for c in node[1]]
+    return set().union(*sets) if op == "and" else set.intersection(*sets)
 
 
 def _weights(node, scale: float, w: torch.Tensor) -> None:

@@ -47,24 +47,67 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 # -- expressions ----------------------------------------------------------------------------------
+GENERATE_MODES = ("joint", "composed")
+
+
 @dataclass(frozen=True)
 class Composition:
     """A parsed prompt: K component prompts, the expression's composed-eps weights ``signs`` (K,)
-    (+1; negative under NOT; 1/m inside an OR of m terms; times a written weight such as 0.5*) and
-    the expression whose ``accept(lift (K, B)) -> (B,) bool`` decides acceptance."""
+    (+1; negative under NOT; 1/m inside an OR of m terms; times a written weight such as 0.5*),
+    the expression whose ``accept(scores (K, B)) -> (B,) bool`` decides acceptance, and ``joint``:
+    the caption of the components every satisfying image needs (``Expr.required``) joined by
+    " and " ("a black car AND a white clock AND NOT a dog" -> "a black car and a white clock"),
+    None when no component is required (a pure OR or NOT).
+
+    Conditions are the rows ``condition_prompts``: [base, *components] plus the joint as row K+1
+    when it is not already a component (``joint_row`` says where it lives)."""
 
     text: str
     components: tuple[str, ...]
     signs: tuple[float, ...]
     expression: object
+    joint: str | None = None
 
     @property
     def K(self) -> int:
         return len(self.components)
 
-    def weights(self, guidance_scale: float = 1.0) -> torch.Tensor:
-        """(K,) fp32: guidance_scale x signs (the combine_eps weights of generation)."""
-        return torch.tensor(self.signs, dtype=torch.float32) * float(guidance_scale)
+    @property
+    def joint_row(self) -> int | None:
+        """Row of the joint prompt among the conditions: a component's row (1..K) when the joint is
+        that component, K + 1 when it is a row of its own, None without a joint."""
+        if self.joint is None:
+            return None
+        return self.components.index(self.joint) + 1 if self.joint in self.components else self.K + 1
+
+    def condition_prompts(self, negative_prompt: str = "", *, with_joint: bool = True) -> list[str]:
+        """[base, *components] (+ [joint] when it is a row of its own and ``with_joint``)."""
+        rows = [negative_prompt, *self.components]
+        return rows + [self.joint] if with_joint and self.joint_row == self.K + 1 else rows
+
+    def weights(self, guidance_scale: float = 1.0, *, generate: str = "composed", rows: int | None = None) -> torch.Tensor:
+        """combine_eps weights over the condition rows 1.. (``rows`` - 1 of them, default K), fp32.
+
+        generate='composed': guidance_scale x signs (Composable Diffusion; 0 on a joint row).
+        generate='joint': guidance_scale on the joint row (classifier-free guidance on the joint
+        caption, as CompLift's public code generates), the required components' own weights
+        zeroed, every other component's kept (NOT terms still push away, OR terms as composed)."""
+        if generate not in GENERATE_MODES:
+            raise ValueError(f"generate must be one of {GENERATE_MODES}, got {generate!r}")
+        n = self.K if rows is None else rows - 1
+        if n < self.K:
+            raise ValueError(f"rows must be >= K + 1 = {self.K + 1}, got {rows}")
+        w = torch.zeros(n)
+        w[:self.K] = torch.tensor(self.signs, dtype=torch.float32)
+        if generate == "joint":
+            if self.joint is None:
+                raise ValueError(f"generate='joint' needs a component every satisfying image holds; {self.text!r} "
+                                 "has none (a pure OR / NOT): use generate='composed'")
+            w[torch.tensor(self.expression.required(), dtype=torch.long)] = 0.0
+            if self.joint_row - 1 >= n:
+                raise ValueError(f"generate='joint' needs the joint row {self.joint_row}: pass rows >= {self.joint_row + 1}")
+            w[self.joint_row - 1] = 1.0
+        return w * float(guidance_scale)
 
     def accept(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (K, B), positive where component k holds -> (B,) bool."""
@@ -113,7 +156,9 @@ def parse_composition(text: str) -> Composition:
 
     expr = parse(to_expression(text))
     w = torch.as_tensor(expr.weights(), dtype=torch.float32).flatten()
-    return Composition(text, tuple(expr.names), tuple(float(x) for x in w), expr)
+    required = expr.required()
+    joint = " and ".join(expr.names[k] for k in required) if required else None
+    return Composition(text, tuple(expr.names), tuple(float(x) for x in w), expr, joint)
 
 
 # -- encoded prompts ------------------------------------------------------------------------------
@@ -165,8 +210,9 @@ class ConditionedUNet:
 @dataclass
 class CompositionOutput:
     """images: list of PIL images (or a (B, 3, H, W) tensor in [0, 1] for output_type='pt', None for
-    'latent'); latents (B, 4, h, w) fp32; record: the per-step predictions (None without
-    record); n_evals: UNet rows evaluated; weights (K,) the combine weights used."""
+    'latent'); latents (B, C, h, w) fp32; record: the per-step predictions (R, B, C, h, w) of the
+    R condition rows ``prompts`` (None without record); n_evals: UNet rows evaluated; weights
+    (R - 1,) the combine weights used; generate: the generation mode used."""
 
     images: object
     latents: torch.Tensor
@@ -175,19 +221,19 @@ class CompositionOutput:
     composition: Composition
     weights: torch.Tensor
     seeds: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # the condition rows (row 0 the base)
+    generate: str = "composed"
 
 
 class CompositionPipeline:
     """Composed generation (Composable Diffusion with one batched UNet call per step) over the
     components of a diffusers Stable Diffusion folder. Build with ``from_pretrained``."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
-                 *, force_zeros_for_empty_prompt: bool = True):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None):
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.is_sdxl = text_encoder_2 is not None
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.schedule = NoiseSchedule.from_diffusers(scheduler)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self._cache: dict[tuple[str, ...], PromptEmbeddings] = {}
@@ -198,19 +244,20 @@ class CompositionPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "fp32",
                         device: str | torch.device = "cpu") -> "CompositionPipeline":
-        """Load unet/, vae/, text_encoder/, tokenizer/, scheduler/ (compkern.models.unet.SDComponents)
-        and, for SDXL, text_encoder_2/ + tokenizer_2/ from a local diffusers folder, offline. The
-        models take ``dtype``, except a VAE whose config says force_upcast (fp32)."""
+        """Load unet/, text_encoder/, tokenizer/, scheduler/ (compkern.models.unet.SDComponents),
+        vae/ when present, and for SDXL text_encoder_2/ + tokenizer_2/, from a local diffusers
+        folder, offline. A folder without vae/ is a pixel-space model (such as `compkern sepen
+        train`'s shapes world): its samples are the images. The models take ``dtype``, except a
+        VAE whose config says force_upcast (fp32)."""
         from transformers import CLIPTextModelWithProjection
 
         from compkern.models.unet import SDComponents
 
         path = Path(path)
         dtype = resolve_dtype(dtype)
-        parts = SDComponents.from_pretrained(path, with_vae=True, torch_dtype=dtype, device=device)
-        if parts.vae.config.get("force_upcast", False):
+        parts = SDComponents.from_pretrained(path, with_vae=(path / "vae").is_dir(), torch_dtype=dtype, device=device)
+        if parts.vae is not None and parts.vae.config.get("force_upcast", False):
             parts.vae.float()  # SDXL's VAE overflows in fp16
-        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
         te2 = tok2 = None
         if (path / "text_encoder_2").is_dir():  # SDXL
             from transformers import AutoTokenizer
@@ -219,8 +266,7 @@ class CompositionPipeline:
                                                               local_files_only=True)
             te2 = te2.to(device).requires_grad_(False).eval()
             tok2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
-        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler, te2, tok2,
-                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler, te2, tok2)
 
     @property
     def device(self) -> torch.device:
@@ -236,7 +282,8 @@ class CompositionPipeline:
 
     @property
     def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Image pixels per latent pixel (1 for a pixel-space model without a VAE)."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # -- prompts ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -263,11 +310,9 @@ class CompositionPipeline:
         else:
             s1, _ = self._encode_one(prompts, self.tokenizer, self.text_encoder, penultimate=True)
             s2, pooled = self._encode_one(prompts, self.tokenizer_2, self.text_encoder_2, penultimate=True)
+            # the empty prompt is encoded like any other (CompLift's public code), not zeroed as
+            # diffusers' SDXL does for a missing negative prompt (force_zeros_for_empty_prompt)
             states = torch.cat([s1, s2.to(s1.dtype)], dim=-1)
-            if self.force_zeros_for_empty_prompt:
-                empty = torch.tensor([p == "" for p in prompts], device=states.device)
-                states = torch.where(empty[:, None, None], torch.zeros_like(states), states)
-                pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
             h = height or self.unet.config.sample_size * self.vae_scale
             w = width or self.unet.config.sample_size * self.vae_scale
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=states.device).expand(len(prompts), 6)
@@ -276,48 +321,81 @@ class CompositionPipeline:
         return emb
 
     def prepare(self, prompt: str | Composition, *, negative_prompt: str = "", height: int | None = None,
-                width: int | None = None) -> tuple[Composition, PromptEmbeddings]:
-        """Parse the expression and encode [negative_prompt, *components] (once)."""
+                width: int | None = None, with_joint: bool = False) -> tuple[Composition, PromptEmbeddings]:
+        """Parse the expression and encode its condition rows (once): [negative_prompt,
+        *components], plus the joint caption as row K+1 with ``with_joint`` (Composition.condition_prompts)."""
         comp = prompt if isinstance(prompt, Composition) else parse_composition(prompt)
-        return comp, self.encode([negative_prompt, *comp.components], height=height, width=width)
+        rows = comp.condition_prompts(negative_prompt, with_joint=with_joint)
+        return comp, self.encode(rows, height=height, width=width)
 
     def eps_model(self, embeddings: PromptEmbeddings) -> ConditionedUNet:
         return ConditionedUNet(self.unet, embeddings, self.schedule, self.prediction_type)
 
     # -- sampling --------------------------------------------------------------------------------
-    def initial_latents(self, seeds: Sequence[int], *, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        """One CPU generator per seed: it draws that image's initial latents, then its step noise
+        (eta > 0), so an image never depends on the batch it lands in (diffusers' list of generators)."""
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def initial_latents(self, seeds: Sequence[int] | Sequence[torch.Generator], *, height: int | None = None,
+                        width: int | None = None) -> torch.Tensor:
         """(B, C, h, w) fp32 standard normal, one CPU generator per seed (independent of batching)."""
         h = (height or self.unet.config.sample_size * self.vae_scale) // self.vae_scale
         w = (width or self.unet.config.sample_size * self.vae_scale) // self.vae_scale
-        x = [torch.randn(self.latent_channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        return torch.stack(x).to(self.device)
+        gens = [g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g)) for g in seeds]
+        return torch.stack([torch.randn(self.latent_channels, h, w, generator=g) for g in gens]).to(self.device)
 
     @torch.no_grad()
     def __call__(self, prompt: str | Composition, *, seeds: Sequence[int] = (0,), num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, negative_prompt: str = "", eta: float = 0.0,
+                 generate: str = "joint", record_joint: bool | None = None, clip_x0: float | str | None = "auto",
                  height: int | None = None, width: int | None = None, chunk_size: int | str | None = None,
                  record: bool = True, output_type: str = "pil", latents: torch.Tensor | None = None,
                  progress: bool = False) -> CompositionOutput:
-        """Generate len(seeds) images of the composed prompt. ``chunk_size`` caps the UNet rows per
-        call (None: all (K+1) x B rows at once; "auto": start there and halve on out-of-memory)."""
+        """Generate len(seeds) images of the composed prompt.
+
+        generate: 'joint' (default; classifier-free guidance on the joint caption of the required
+        components, the other components composed: ``Composition.weights``), or 'composed'
+        (Composable Diffusion over every component). Expressions without a joint (a pure OR or
+        NOT) are always composed. record_joint: evaluate the joint caption as an extra condition
+        row (row K+1; the CompLift target of ``cached_lift_maps(target='joint')``); None: when
+        generating from it. clip_x0: clamp the predicted x0 at each step ('auto': to [-1, 1] for a
+        pixel-space model without a VAE, off for latents). ``chunk_size`` caps the UNet rows per
+        call (None: all rows at once; "auto": start there and halve on out-of-memory)."""
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        comp, emb = self.prepare(prompt, negative_prompt=negative_prompt, height=height, width=width)
+        if generate not in GENERATE_MODES:
+            raise ValueError(f"generate must be one of {GENERATE_MODES}, got {generate!r}")
+        comp = prompt if isinstance(prompt, Composition) else parse_composition(prompt)
+        if comp.joint is None:
+            generate = "composed"
+        with_joint = generate == "joint" if record_joint is None else bool(record_joint)
+        comp, emb = self.prepare(comp, negative_prompt=negative_prompt, height=height, width=width, with_joint=with_joint)
         seeds = [int(s) for s in seeds]
         if not seeds and latents is None:
             raise ValueError("seeds must hold at least one seed (one image per seed)")
-        x_T = self.initial_latents(seeds, height=height, width=width) if latents is None else latents.float()
+        gens = self.generators(seeds)
+        x_T = self.initial_latents(gens, height=height, width=width) if latents is None else latents.float()
         if x_T.dim() != 4 or x_T.shape[1] != self.latent_channels:
             raise ValueError(f"latents must have shape (B, {self.latent_channels}, h, w), got {tuple(x_T.shape)}")
-        B = x_T.shape[0]
-        weights = comp.weights(guidance_scale).to(self.device)
-        ids = torch.arange(comp.K + 1, device=self.device)[:, None].expand(comp.K + 1, B)
-        rows = (comp.K + 1) * B if chunk_size in (None, "auto") else int(chunk_size)
+        if eta > 0 and len(gens) != x_T.shape[0]:
+            raise ValueError(f"eta > 0 draws each image's step noise from its seed: give one seed per latent "
+                             f"({x_T.shape[0]}), got {len(gens)}")
+        if clip_x0 == "auto":
+            clip_x0 = 1.0 if self.vae is None else None
+        B, R = x_T.shape[0], len(emb)
+        weights = comp.weights(guidance_scale, generate=generate, rows=R).to(self.device)
+        used = torch.arange(R, device=self.device)
+        if not record:  # nothing is kept: evaluate only the base and the rows generation weighs
+            used = torch.cat([used[:1], used[1:][weights != 0]])
+        ids = used[:, None].expand(len(used), B)
+        gen_weights = weights[used[1:] - 1]
+        rows = len(used) * B if chunk_size in (None, "auto") else int(chunk_size)
         while True:
-            eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=rows, record=record)
+            eps_fn = ComposedEps(self.eps_model(emb), ids, gen_weights, chunk_size=rows, record=record)
             try:
-                x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, progress=progress,
-                                 generator=torch.Generator(self.device).manual_seed(seeds[0]) if eta > 0 else None)
+                x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
+                                 progress=progress, generator=gens if eta > 0 else None)
                 break
             except torch.OutOfMemoryError:
                 if chunk_size != "auto" or rows == 1:
@@ -326,9 +404,12 @@ class CompositionPipeline:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 rows = max(1, rows // 2)  # "auto": halve the rows per UNet call and start the batch again
+                gens = self.generators(seeds)  # replay every image's noise from its seed
+                if latents is None:
+                    self.initial_latents(gens, height=height, width=width)
         self.last_chunk_size = rows
         images = None if output_type == "latent" else self.decode(x0, output_type=output_type)
-        return CompositionOutput(images, x0, eps_fn.record, eps_fn.n_evals, comp, weights, seeds)
+        return CompositionOutput(images, x0, eps_fn.record, eps_fn.n_evals, comp, weights, seeds, emb.prompts, generate)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: PromptEmbeddings, *,
                 chunk_size: int | None = None) -> torch.Tensor:
@@ -343,13 +424,19 @@ class CompositionPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, output_type: str = "pil", batch: int = 4):
-        """latents (B, C, h, w) -> PIL images, or a (B, 3, H, W) fp32 tensor in [0, 1]."""
-        vdt = self.vae.dtype
-        outs = []
-        for s in range(0, latents.shape[0], batch):
-            z = latents[s:s + batch].to(vdt) / self.vae.config.scaling_factor
-            outs.append(self.vae.decode(z, return_dict=False)[0].float())
-        img = (torch.cat(outs) / 2 + 0.5).clamp(0, 1)
+        """latents (B, C, h, w) -> PIL images, or a (B, 3, H, W) fp32 tensor in [0, 1]. Without a
+        VAE the latents are the images, in [-1, 1]."""
+        if self.vae is None:
+            if latents.shape[1] != 3:
+                raise ValueError(f"a pixel-space model must make RGB samples (B, 3, H, W), got {tuple(latents.shape)}")
+            img = (latents.float() / 2 + 0.5).clamp(0, 1)
+        else:
+            vdt = self.vae.dtype
+            outs = []
+            for s in range(0, latents.shape[0], batch):
+                z = latents[s:s + batch].to(vdt) / self.vae.config.scaling_factor
+                outs.append(self.vae.decode(z, return_dict=False)[0].float())
+            img = (torch.cat(outs) / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return img
         from PIL import Image

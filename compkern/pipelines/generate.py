@@ -30,15 +30,17 @@ from pathlib import Path
 import torch
 
 from compkern.pipelines import lift_maps as LM
+from compkern.pipelines.composition import GENERATE_MODES
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 # settings that change which images are accepted: a resumed run must match them
-_FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "lift",
+_FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift",
            "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (SD 1.x, 2.x or XL)")
+    p.add_argument("--model", required=True, help="local diffusers folder: SD 1.x, 2.x, XL, or a pixel-space "
+                   "text-to-image model without vae/ (e.g. `compkern sepen train`'s base/model)")
     p.add_argument("--prompt", required=True, help='expression of component prompts, e.g. "a black car AND a white clock AND NOT a dog"')
     p.add_argument("--n", "--num-images", dest="n", type=int, default=100,
                    help="accepted images wanted (global, over all ranks); under torchrun write --num-images "
@@ -54,17 +56,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--lift", default="cached", choices=["cached", "fresh", "none"],
+    p.add_argument("--generate", default="joint", choices=list(GENERATE_MODES),
+                   help="joint: guidance on the joint caption of the required components (\"a cat and a dog\"), the "
+                        "other components composed; composed: Composable Diffusion over every component")
+    p.add_argument("--lift", default="cached", choices=["cached", "fresh", "public", "none"],
                    help="cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
-                        "on the final latents; none: accept everything")
-    p.add_argument("--target", default="composed", choices=["composed", "noise"],
-                   help="cached trials' target: the composed prediction (the paper's t2i variance reduction) or the "
-                        "noise recovered from x_t and the final latents")
+                        "on the final latents (noise target); public: CompLift's public scorer, --trials evenly spaced "
+                        "fresh trials with a fixed noise bank; none: accept everything")
+    p.add_argument("--target", default="joint", choices=list(LM.TARGETS),
+                   help="target of cached / public trials: the joint caption's prediction (recorded as one more "
+                        "condition row), the noise (recovered from x_t and the final latents), or the composed "
+                        "prediction (comparison only: NOT can never fail)")
     p.add_argument("--threshold", type=float, default=LM.DEFAULT_THRESHOLD, help="pixel lift threshold")
     p.add_argument("--min-pixels", type=float, default=LM.DEFAULT_MIN_PIXELS,
                    help="latent pixels above threshold for a component to count as present (below 1: a fraction)")
     p.add_argument("--trials", type=int, default=50,
-                   help="fresh trials per image (with --rule mean: the most the adaptive estimator may spend)")
+                   help="fresh / public trials per image (fresh with --rule mean: the most the adaptive estimator may spend)")
     p.add_argument("--rule", default="pixels", choices=["pixels", "mean"], help="object rule, or the mean-lift sign")
     p.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
                    help="max UNet rows per call; auto (default): all (K+1) x B, halved on out-of-memory")
@@ -170,6 +177,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.trials < 1 and args.lift in ("fresh", "public"):
+        raise ValueError(f"--trials must be >= 1 with --lift {args.lift}, got {args.trials}")
+    model = Path(args.model)
+    if not (model / "unet").is_dir():
+        raise ValueError(f"--model {args.model}: not a diffusers folder with a unet/ subfolder")
     if args.threads:
         torch.set_num_threads(args.threads)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -179,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         comp = parse_composition(args.prompt)
+        if args.target == "joint" and args.lift in ("cached", "public") and comp.joint is None:
+            raise ValueError(f"--target joint: {args.prompt!r} has no component every accepted image needs (a pure OR "
+                             "or NOT), so no joint caption; use --target noise")
         cfg = {k: getattr(args, k) for k in _FROZEN if k not in ("model", "dtype")}
         cfg.update(model=str(Path(args.model).resolve()), dtype=dtype, n=args.n, components=list(comp.components),
                    signs=list(comp.signs), world_size=dist.world)
@@ -196,14 +211,13 @@ def run(args: argparse.Namespace) -> int:
         max_attempts = args.max_attempts or 20 * args.n
         pending = [j for j in range(math.ceil(max_attempts / args.batch_size)) if j not in done]
         bar = tqdm(total=args.n, initial=min(accepted_total, args.n), desc="accepted", disable=dist.rank != 0)
-        signs = torch.tensor(comp.signs)
         seen: dict = {}  # rank 0's shard cache for the per-round manifest merge
         rnd = 0
         while accepted_total < args.n and rnd * dist.world < len(pending):
             slot = rnd * dist.world + dist.rank
             n_acc = 0
             if slot < len(pending):
-                n_acc = _run_batch(pipe, comp, signs, pending[slot], args, out, dist.rank)
+                n_acc = _run_batch(pipe, comp, pending[slot], args, out, dist.rank)
             accepted_total += int(dist.sum([n_acc])[0])
             rnd += 1
             if dist.rank == 0:
@@ -222,29 +236,44 @@ def run(args: argparse.Namespace) -> int:
         dist.close()
 
 
-def _run_batch(pipe, comp, signs, j: int, args, out: Path, rank: int) -> int:
+def score(pipe, comp, res, args, *, seed: int) -> tuple[LM.LiftMaps | None, torch.Tensor]:
+    """Lift maps of a generated batch ``res`` (CompositionOutput) by ``args.lift`` / ``args.target``
+    and the (B,) bool decisions of ``args.rule``; (None, all True) for --lift none."""
+    B = res.latents.shape[0]
+    if args.lift == "none":
+        return None, torch.ones(B, dtype=torch.bool)
+    signs = torch.tensor(comp.signs)
+    joint_row = comp.joint_row if args.target == "joint" else None
+    if args.lift == "cached":
+        maps = LM.cached_lift_maps(res.record, signs, target=args.target, joint_row=joint_row, latents=res.latents,
+                                   schedule=pipe.schedule)
+    elif args.lift == "public":
+        emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=args.target == "joint"),
+                          height=args.height, width=args.width)
+        maps = LM.fixed_lift_maps(pipe, res.latents, emb, signs, n_trials=args.trials, seed=seed, target=args.target,
+                                  joint_row=joint_row, chunk_size=pipe.last_chunk_size)
+    else:
+        emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=False), height=args.height,
+                          width=args.width)
+        maps = LM.fresh_lift_maps(pipe, res.latents, emb, n_trials=args.trials, adaptive=args.rule == "mean",
+                                  expr=comp.expression if args.rule == "mean" else None, seed=seed,
+                                  chunk_size=pipe.last_chunk_size)
+    ok = LM.accept(comp, maps, threshold=args.threshold, min_pixels=args.min_pixels, rule=args.rule).cpu()
+    return maps, ok
+
+
+def _run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
     """Generate, score and commit batch j; returns its accepted count."""
     t0 = time.perf_counter()
     B = args.batch_size
     indices = list(range(j * B, (j + 1) * B))
     seeds = [args.seed + i for i in indices]
     res = pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-               negative_prompt=args.negative_prompt, eta=args.eta, height=args.height, width=args.width,
+               negative_prompt=args.negative_prompt, eta=args.eta, generate=args.generate,
+               record_joint=(args.lift == "cached" and args.target == "joint") or None, height=args.height, width=args.width,
                chunk_size=args.chunk_size, record=args.lift == "cached", output_type="latent")
-    rows = res.n_evals
-    if args.lift == "none":
-        maps, ok = None, torch.ones(B, dtype=torch.bool)
-    else:
-        if args.lift == "cached":
-            maps = LM.cached_lift_maps(res.record, signs, target=args.target, latents=res.latents,
-                                       schedule=pipe.schedule)
-        else:
-            emb = pipe.encode([args.negative_prompt, *comp.components], height=args.height, width=args.width)
-            maps = LM.fresh_lift_maps(pipe, res.latents, emb, n_trials=args.trials, adaptive=args.rule == "mean",
-                                      expr=comp.expression if args.rule == "mean" else None,
-                                      seed=args.seed + j, chunk_size=pipe.last_chunk_size)
-        rows += maps.n_evals
-        ok = LM.accept(comp, maps, threshold=args.threshold, min_pixels=args.min_pixels, rule=args.rule).cpu()
+    maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
+    rows = res.n_evals + (0 if maps is None else maps.n_evals)
     keep = [b for b in range(B) if ok[b] or args.save_rejected]
     images = pipe.decode(res.latents[keep]) if keep else []
     records = []

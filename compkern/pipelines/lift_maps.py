@@ -4,22 +4,28 @@ Lift of component k at latent pixel (i, j), averaged over trials and latent chan
 
     L_k(i, j) = mean_{t, c} [ (T - eps(x_t, c_0))^2 - (T - eps(x_t, c_k))^2 ](c, i, j)
 
-T is the noise eps of a fresh trial x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (``fresh_lift_maps``,
-through compkern.lift.estimate_lift), or, for the cached trials recorded while sampling
-(``cached_lift_maps``, no extra UNet row), the composed prediction eps(x_t, c_compose) =
-eps_0 + sum_k s_k (eps_k - eps_0) with s_k = +1 / -1 (NOT): the variance-reduction target of the
-CompLift paper, which its public text-to-image code uses for both variants.
+The target T of a trial:
+- 'noise': the true noise eps of x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps: CompLift's estimand.
+  Fresh trials (``fresh_lift_maps``, ``fixed_lift_maps(target='noise')``) draw it; cached trials
+  (the sampling run's own steps, no extra UNet row) recover it from x_t and the final x_0.
+- 'joint': the prediction for the joint caption (``Composition.joint``, "a cat and a dog" for
+  "a cat AND a dog"), recorded as one more condition row while sampling. This is what CompLift's
+  public text-to-image code scores against (for AND prompts; it encodes the full prompt beside
+  the objects). compkern extends it to every expression with the caption of the required
+  components; for NOT / OR terms it is a design of compkern's, measured in benchmarks/RESULTS.md.
+- 'composed': eps_0 + sum_k s_k (eps_k - eps_0) with the generation signs. Kept for comparison
+  only: with a NOT sign it makes the lift of the negated component 2 a.b - 3 |b|^2 (a, b the
+  components' eps - eps_0), <= 0 wherever the objects do not overlap, so NOT can never fail.
 
-Object rule (the CompLift text-to-image code): component k is present in an image when the number
-of latent pixels with L_k > ``threshold`` reaches ``min_pixels``; the composition's expression then
-combines the per-component decisions (AND: all present, NOT: absent). The public code swept
-threshold in {0, 9e-5, ..., 1e-3} and the pixel count in {1, ..., 16384} and shows SDXL samples at
-threshold 2e-4, 300 pixels (of 128 x 128) -- the defaults here. ``min_pixels`` below 1 is read as
-a fraction of the latent pixels. Note: with a single positive component (K = 1) the composed
-target equals eps_1, so the cached map is |eps_1 - eps_0|^2 >= 0 everywhere; use fresh trials there.
+Object rule (the CompLift text-to-image code): component k is present in an image when at least
+``min_pixels`` latent pixels have L_k > ``threshold``; the expression then combines the
+per-component decisions (AND: all present, NOT: absent). ``min_pixels`` below 1 is a fraction of
+the latent pixels, which is the default: 300 / (128 x 128), the count the public code shows for
+SDXL's 128 x 128 latents, so that the rule means the same share of the image at every size.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +37,8 @@ from compkern.ops import combine_eps, lift_partial
 from compkern.samplers.composed import StepRecord
 
 DEFAULT_THRESHOLD = 2e-4
-DEFAULT_MIN_PIXELS = 300.0
+DEFAULT_MIN_PIXELS = 300 / (128 * 128)  # a fraction: 300 pixels of SDXL's 128 x 128 latents
+TARGETS = ("joint", "noise", "composed")
 
 
 @dataclass
@@ -47,19 +54,25 @@ class LiftMaps:
     def lift(self) -> torch.Tensor:
         return self.pixel_lift.mean(dim=(-2, -1))
 
-    def min_count(self, min_pixels: float) -> float:
-        """An absolute pixel count (values below 1 are fractions of the h x w latent pixels)."""
-        if min_pixels < 0:
-            raise ValueError(f"min_pixels must be >= 0 (a count, or a fraction below 1), got {min_pixels}")
+    def min_count(self, min_pixels: float) -> int:
+        """The pixel count a present component needs: ceil(min_pixels x h x w) for a fraction
+        (min_pixels < 1), else min_pixels itself (a whole number of pixels)."""
         n = self.pixel_lift.shape[-1] * self.pixel_lift.shape[-2]
-        return min_pixels * n if min_pixels < 1 else float(min_pixels)
+        if not 0 < min_pixels < 1 and not (min_pixels >= 1 and float(min_pixels).is_integer()):
+            raise ValueError(f"min_pixels must be a fraction in (0, 1) of the latent pixels or a whole count >= 1, "
+                             f"got {min_pixels}")
+        m = math.ceil(min_pixels * n - 1e-9) if min_pixels < 1 else int(min_pixels)
+        if m > n:
+            raise ValueError(f"min_pixels={min_pixels:g} asks for {m} pixels but the latent has only {n} "
+                             f"({self.pixel_lift.shape[-2]} x {self.pixel_lift.shape[-1]}): no component could be present")
+        return max(m, 1)
 
     def counts(self, threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
         """(K, B) int64: latent pixels with lift above threshold."""
         return (self.pixel_lift > threshold).sum(dim=(-2, -1))
 
     def scores(self, threshold: float = DEFAULT_THRESHOLD, min_pixels: float = DEFAULT_MIN_PIXELS) -> torch.Tensor:
-        """(K, B) fp32, positive exactly where component k is present (count >= min_pixels): the
+        """(K, B) fp32, positive exactly where component k is present (count >= min_count): the
         per-component input of ``Composition.accept``."""
         return self.counts(threshold).float() - (self.min_count(min_pixels) - 0.5)
 
@@ -74,47 +87,62 @@ def composed_target(preds: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return combine_eps(preds, signs.to(device=preds.device, dtype=torch.float32))
 
 
+def _target(preds: torch.Tensor, signs: torch.Tensor, target: str, joint_row: int | None) -> torch.Tensor:
+    """preds (T, R, B, *S) -> the 'joint' or 'composed' target (T, B, *S)."""
+    if target == "joint":
+        return preds[:, joint_row]
+    return torch.stack([composed_target(p[:signs.shape[0] + 1], signs) for p in preds])
+
+
+def _check_target(target: str, joint_row: int | None, K: int, R: int) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if R < K + 1:
+        raise ValueError(f"the predictions hold {R} condition rows, fewer than the K + 1 = {K + 1} the signs need")
+    if target == "joint" and (joint_row is None or not 1 <= joint_row < R):
+        raise ValueError(f"target='joint' needs joint_row, the row of the joint caption among the {R} condition rows "
+                         f"(1..{R - 1}; Composition.joint_row), got {joint_row}: record it with record_joint=True")
+
+
 @torch.no_grad()
-def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "composed",
+def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "joint", joint_row: int | None = None,
                      latents: torch.Tensor | None = None, schedule=None, steps: slice | None = None,
                      chunk: int = 8) -> LiftMaps:
     """Lift maps from the predictions recorded while sampling, each step one trial, no UNet row.
-    record.preds: S steps of (K+1, B, C, h, w); signs (K,): the composed-eps weights.
+    record.preds: S steps of (R, B, C, h, w), rows [base, K components, extra rows such as the
+    joint caption]; signs (K,): the expression's composed-eps signs (they give K).
 
-    target='composed': the composed prediction eps_0 + sum_k signs_k (eps_k - eps_0) (the
-    paper's text-to-image variance reduction); target='noise': the noise recovered from x_t and
-    the final ``latents`` through compkern.lift.estimate_lift's cached trials (needs ``schedule``)."""
+    target: 'joint' (the prediction of row ``joint_row``), 'noise' (recovered from x_t and the
+    final ``latents``; needs ``schedule``) or 'composed' (see the module docstring)."""
     if record is None or len(record) == 0:
         raise ValueError("record must hold the steps of a sampling run made with record=True")
     preds_all = record.preds if steps is None else record.preds[steps]
     if not preds_all:
         raise ValueError(f"steps={steps} selects no recorded step of {len(record)}")
     if preds_all[0].dim() != 5:
-        raise ValueError(f"recorded preds must be (K+1, B, C, h, w), got {tuple(preds_all[0].shape)}")
-    K, C = preds_all[0].shape[0] - 1, preds_all[0].shape[2]
+        raise ValueError(f"recorded preds must be (R, B, C, h, w), got {tuple(preds_all[0].shape)}")
     signs = torch.as_tensor(signs, dtype=torch.float32).flatten()
-    if signs.shape != (K,):
-        raise ValueError(f"signs must have shape (K,) = ({K},), got {tuple(signs.shape)}")
+    K, R, C = signs.shape[0], preds_all[0].shape[0], preds_all[0].shape[2]
+    if K < 1:
+        raise ValueError("signs must hold one weight per component (K >= 1)")
+    _check_target(target, joint_row, K, R)
     if target == "noise":
         from compkern.lift import estimate_lift
 
         if latents is None or schedule is None:
             raise ValueError("target='noise' needs the final latents (B, C, h, w) and the schedule")
-        if steps is not None:
-            record = StepRecord(record.x_t[steps], record.t[steps], record.preds[steps])
-        res = estimate_lift(None, latents.float(), list(range(1, K + 1)), 0, schedule, n_trials=0, record=record,
+        sel = slice(None) if steps is None else steps
+        rec = StepRecord(record.x_t[sel], record.t[sel], [p[:K + 1] for p in preds_all])
+        res = estimate_lift(None, latents.float(), list(range(1, K + 1)), 0, schedule, n_trials=0, record=rec,
                             pixel_map=True)
         pix = res.pixel_lift.float() / C
-    elif target == "composed":
+    else:
         total = None
         for s in range(0, len(preds_all), chunk):
-            preds = torch.stack(preds_all[s:s + chunk])  # (T, K+1, B, C, h, w)
-            tgt = torch.stack([composed_target(p, signs) for p in preds])
-            part = lift_partial(tgt, preds, pixel_map=True)
+            preds = torch.stack(preds_all[s:s + chunk])  # (T, R, B, C, h, w)
+            part = lift_partial(_target(preds, signs, target, joint_row), preds[:, :K + 1], pixel_map=True)
             total = part if total is None else total + part
         pix = total.pixel_mean.float() / C
-    else:
-        raise ValueError(f"target must be 'composed' or 'noise', got {target!r}")
     _check_finite("pixel lift", pix)
     return LiftMaps(pix, len(preds_all), 0)
 
@@ -124,11 +152,11 @@ def fresh_lift_maps(pipe, latents: torch.Tensor, embeddings, *, n_trials: int = 
                     expr=None, seed: int = 0, chunk_size: int | None = None, **options) -> LiftMaps:
     """Lift maps from fresh trials (true noise as target) on the final latents (B, C, h, w) through
     compkern.lift.estimate_lift: ``n_trials`` per image, or with ``adaptive`` at most that many,
-    stopping once every sign ``expr`` needs is certain. Conditions are the rows of ``embeddings``
-    (row 0 the null); ``options`` go to estimate_lift."""
+    stopping once every sign ``expr`` needs is certain. Conditions are rows 0..K of ``embeddings``
+    (row 0 the null; K = the expression's components, else every row); ``options`` go to estimate_lift."""
     from compkern.lift import estimate_lift
 
-    K = len(embeddings) - 1
+    K = expr.num_components if expr is not None else len(embeddings) - 1
     res = estimate_lift(pipe.eps_model(embeddings), latents.float(), list(range(1, K + 1)), 0, pipe.schedule,
                         n_trials=n_trials, adaptive=adaptive, expr=expr, pixel_map=True, chunk_size=chunk_size,
                         generator=torch.Generator().manual_seed(int(seed)), **options)
@@ -152,16 +180,18 @@ def evenly_spaced_trials(num_steps: int, n_trials: int, shape: tuple[int, ...], 
 
 @torch.no_grad()
 def fixed_lift_maps(pipe, latents: torch.Tensor, embeddings, signs: torch.Tensor, *, n_trials: int = 200,
-                    seed: int = 0, target: str = "composed", chunk_trials: int = 25,
+                    seed: int = 0, target: str = "joint", joint_row: int | None = None, chunk_trials: int = 25,
                     chunk_size: int | None = None) -> LiftMaps:
     """The public text-to-image estimator, batched: ``n_trials`` evenly spaced t with a fixed noise
-    bank (``evenly_spaced_trials``), the composed prediction (or the noise) as target. Each
-    chunk of trials is one batched call of (K+1) x chunk_trials x B rows (``chunk_size`` caps
-    the rows per UNet call); nothing leaves the device."""
-    if target not in ("composed", "noise"):
-        raise ValueError(f"target must be 'composed' or 'noise', got {target!r}")
-    B, S = latents.shape[0], tuple(latents.shape[1:])
+    bank (``evenly_spaced_trials``), every condition row of ``embeddings`` evaluated at each trial,
+    the joint caption's prediction (row ``joint_row``, the public code's full prompt), the noise
+    or the composed prediction as target; signs (K,) give the K components (rows 1..K). Each
+    chunk of trials is one batched call of R x chunk_trials x B rows (``chunk_size`` caps the
+    rows per UNet call); nothing leaves the device."""
     signs = torch.as_tensor(signs, dtype=torch.float32).flatten()
+    K = signs.shape[0]
+    _check_target(target, joint_row, K, len(embeddings))
+    B, S = latents.shape[0], tuple(latents.shape[1:])
     ts, bank = evenly_spaced_trials(pipe.schedule.num_steps, n_trials, S, seed=seed)
     total, rows = None, 0
     for s in range(0, n_trials, chunk_trials):
@@ -170,11 +200,11 @@ def fixed_lift_maps(pipe, latents: torch.Tensor, embeddings, signs: torch.Tensor
         t = ts[s:s + n].to(latents.device)[:, None].expand(n, B).reshape(-1)
         x_t = pipe.schedule.add_noise(latents.float()[None].expand(n, B, *S).reshape(n * B, *S),
                                       noise.reshape(n * B, *S), t)
-        preds = pipe.predict(x_t, t, embeddings, chunk_size=chunk_size)  # (K+1, n*B, *S)
+        preds = pipe.predict(x_t, t, embeddings, chunk_size=chunk_size)  # (R, n*B, *S)
         rows += preds.shape[0] * preds.shape[1]
-        preds = preds.reshape(preds.shape[0], n, B, *S).transpose(0, 1)  # (n, K+1, B, *S)
-        tgt = torch.stack([composed_target(p, signs) for p in preds]) if target == "composed" else noise
-        part = lift_partial(tgt.to(preds.dtype), preds, pixel_map=True)
+        preds = preds.reshape(preds.shape[0], n, B, *S).transpose(0, 1)  # (n, R, B, *S)
+        tgt = noise if target == "noise" else _target(preds, signs, target, joint_row)
+        part = lift_partial(tgt.to(preds.dtype), preds[:, :K + 1], pixel_map=True)
         total = part if total is None else total + part
     pix = total.pixel_mean.float() / S[0]
     _check_finite("pixel lift", pix)

@@ -5,7 +5,7 @@ training timesteps; with eta = 1 it is the DDPM posterior of the respaced chain.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -13,13 +13,25 @@ from tqdm.auto import tqdm
 from compkern.models.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_like_rows(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like x (B, *S): from one generator, or row b from generator[b]
+    (one per sample, as diffusers takes a list, so a sample's noise does not depend on its batch)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"generator: a list needs one generator per sample ({x.shape[0]}), got {len(generator)}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]).to(x.device)
 
 
 def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, num_steps: int = 50,
-                eta: float = 0.0, clip_x0: float | None = None, generator: torch.Generator | None = None,
+                eta: float = 0.0, clip_x0: float | None = None, generator: Generators = None,
                 progress: bool = False) -> torch.Tensor:
     """x_T (B, *S) standard normal -> x_0 (B, *S). eps_fn(x_t, t (B,) int64) -> eps (B, *S).
-    ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0] at each step."""
+    ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0] at each step; ``generator``: one,
+    or a list of B (see ``randn_like_rows``)."""
     if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
         raise TypeError("x_T must be a tensor (B, *S)")
     if eta < 0:
@@ -38,7 +50,7 @@ def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, nu
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, *, eta: float = 0.0,
-              clip_x0: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+              clip_x0: float | None = None, generator: Generators = None) -> torch.Tensor:
     """One step x_t -> x_prev (Song et al. 2021, eq. 12) given eps at x_t; a_t, a_prev are
     alphas_cumprod at t and at the previous (less noisy) level (1.0 for x0)."""
     x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
@@ -48,7 +60,7 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, *, 
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
     x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
     if sigma > 0:
-        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + sigma * randn_like_rows(x, generator)
     return x
 
 
