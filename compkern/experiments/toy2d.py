@@ -6,7 +6,8 @@ the product (ring AND bar), mixture (left OR right) and negation (ring AND NOT p
 
     ddpm-eps      reverse diffusion (DDPM) on the summed eps of the plain eps model
     ddpm-energy   reverse diffusion on the summed eps of the energy model
-    ula/mala/hmc  annealed MCMC on the energy model (a DDPM step between levels, then MCMC)
+    ula/mala/hmc  annealed MCMC on the energy model (a DDPM step between levels, then MCMC; steps
+                  adapted per level toward annealed_mcmc's target acceptance unless --fixed-steps)
 
 and scores each against the exact composed density: the fraction of samples inside the target's
 95% high-density region (an exact sampler scores ~0.95) and the energy distance to exact target
@@ -44,9 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusion-steps", type=int, default=100, help="training timesteps (cosine schedule, as RRR)")
     p.add_argument("--levels", type=int, default=100, help="noise levels for reverse diffusion and annealed MCMC")
     p.add_argument("--mcmc-steps", type=int, default=10, help="MCMC steps per level (RRR: 10)")
-    p.add_argument("--ula-step", type=float, default=0.05, help="ULA eta = step * (1 - abar_t)")
-    p.add_argument("--mala-step", type=float, default=0.2, help="MALA eta = step * (1 - abar_t)")
-    p.add_argument("--hmc-step", type=float, default=0.3, help="HMC leapfrog h = step * sqrt(1 - abar_t)")
+    p.add_argument("--ula-step", type=float, default=0.05,
+                   help="ULA eta = step * (1 - abar_t): at the first level (then adapted), or at every level with --fixed-steps")
+    p.add_argument("--mala-step", type=float, default=0.2,
+                   help="MALA eta = step * (1 - abar_t): at the first level (then adapted), or at every level with --fixed-steps")
+    p.add_argument("--hmc-step", type=float, default=0.3,
+                   help="HMC leapfrog h = step * sqrt(1 - abar_t): at the first level (then adapted), or at every "
+                        "level with --fixed-steps")
+    p.add_argument("--fixed-steps", action="store_true",
+                   help="no step-size adaptation (annealed_mcmc adapt=False): the noise-scaled steps above at every level")
     p.add_argument("--leapfrog", type=int, default=3, help="leapfrog steps per HMC step (RRR: 3)")
     p.add_argument("--damping", type=float, default=0.5, help="HMC partial momentum refresh (RRR: 0.5)")
     p.add_argument("--clip-x0", type=float, default=2.5, help="clamp predicted x0 in every diffusion step (0: off)")
@@ -56,8 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--sweep", action="store_true",
-                   help="instead of the main table: the product task with each MCMC kind at several step sizes "
-                        "(writes OUT/sweep.json)")
+                   help="instead of the main table: the product task with each MCMC kind at several fixed "
+                        "step sizes (no adaptation; writes OUT/sweep.json)")
     p.add_argument("--sweep-factors", default="0.25,1,4", help="step-size multipliers for --sweep")
     p.add_argument("--sweep-steps", default=None,
                    help="absolute ULA/MALA step sizes for --sweep (comma list; overrides --sweep-factors for them)")
@@ -94,9 +101,9 @@ def _sample(method, task, models, schedule, args, x_T, g):
         return {"x": x, "n_evals": comp.n_evals, "accept": None}
     step = {"ula": args.ula_step, "mala": args.mala_step, "hmc": args.hmc_step}[method]
     res = annealed_mcmc(comp, x_T, schedule, kind=method, num_levels=args.levels, steps_per_level=args.mcmc_steps,
-                        step_size=step, leapfrog_steps=args.leapfrog, damping=args.damping,
-                        clip_x0=args.clip_x0 or None, generator=g)
-    return {"x": res.x, "n_evals": res.n_evals, "accept": res.accept_rates}
+                        step_size=step, adapt=not args.fixed_steps, leapfrog_steps=args.leapfrog,
+                        damping=args.damping, clip_x0=args.clip_x0 or None, generator=g)
+    return {"x": res.x, "n_evals": res.n_evals, "accept": res.accept_rates, "steps": res.step_sizes}
 
 
 def _scores(target, x, thr, ref):
@@ -199,9 +206,12 @@ def run(args: argparse.Namespace) -> int:
                 a = r["accept"]
                 s["accept_mean"] = round(float(a.mean()), 3)
                 s["accept_by_level"] = [round(float(v), 3) for v in a[:: max(1, len(a) // 10)]]
+            if r.get("steps") is not None:
+                st = r["steps"]
+                s["step_by_level"] = [float(f"{float(v):.4g}") for v in st[:: max(1, len(st) // 10)]]
             rows[method] = s
             panel.append((f"{method}: hdr {s['hdr95']:.2f} ED {s['energy_dist']:.3f}", r["x"]))
-            print(f"{tname:9s} {method:12s} " + " ".join(f"{k}={v}" for k, v in s.items() if k != "accept_by_level"),
+            print(f"{tname:9s} {method:12s} " + " ".join(f"{k}={v}" for k, v in s.items() if not k.endswith("_by_level")),
                   flush=True)
         results["tasks"][tname] = {"target": target.name, "methods": rows}
         panels.append(panel)
@@ -230,6 +240,7 @@ def _sweep(args, task, models, schedule, g_ref, out: Path, results: dict) -> int
         for step in steps:
             a = argparse.Namespace(**vars(args))
             setattr(a, key, step)
+            a.fixed_steps = True  # a sweep of fixed steps: adaptation would undo it
             g = torch.Generator().manual_seed((args.seed if args.sample_seed is None else args.sample_seed) + 200)
             t0 = time.time()
             try:
