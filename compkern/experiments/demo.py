@@ -148,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="samples generated per task (default 1000; public 2000)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default 8000; public 6000 per model)")
     p.add_argument("--batch-size", type=int, default=None, help="default 512; public 128")
-    p.add_argument("--hidden", type=int, default=None, help="default 64; public 128")
+    p.add_argument("--hidden", type=int, default=None, help="default 64; public 64 (the public code: 128)")
     p.add_argument("--depth", type=int, default=None, help="default 3; public 4")
     p.add_argument("--n-per-class", type=int, default=4000)
     p.add_argument("--sample-steps", type=int, default=50, help="ancestral (DDPM) sampling steps")
