@@ -144,6 +144,8 @@ def test_toy2d_command_quick(tmp_path):
     assert res["tasks"]["mixture"]["methods"]["ddpm-eps"] is None  # a mixture needs energies
     for m in ("mala", "hmc"):
         assert 0.0 <= prod[m]["accept_mean"] <= 1.0 and len(prod[m]["accept_by_level"]) == 4
+    for m in ("ula", "mala", "hmc"):  # the adapted steps, one per level
+        assert len(prod[m]["step_by_level"]) == 4 and all(v > 0 for v in prod[m]["step_by_level"])
     # evals per sample: K=2 rows per call; MALA: 4 levels x (1 + 2 steps); HMC: 4 x (1 + 2 x 3 leapfrog)
     assert prod["mala"]["evals_per_sample"] == 2 * 4 * 3 and prod["hmc"]["evals_per_sample"] == 2 * 4 * 7
     assert prod["ddpm-eps"]["evals_per_sample"] == 2 * 4

@@ -242,9 +242,8 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
                         raise FloatingPointError(f"annealed ULA diverged at level {i} (t={t}, eta={h:.3g}): "
                                                  "lower step_size")
                     state = energy_eps(xp, t_vec)
-                    if k < n_adapt:
+                    if k < n_adapt:  # the MALA ratio of this move, for the adaptation only
                         log_a = _ula_log_accept(x, xp, eps0 / sigma, state[1] / sigma, h)
-                        h_next = adapted(h, _accept_prob(log_a), i, t)
                     x = xp
                 elif kind == "mala":
                     mean_f = x - (h / sigma) * eps0
@@ -273,7 +272,7 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
                     state = (torch.where(acc, En, E0), torch.where(acc.view(view), epsn, eps0))
                     accept[i] += acc.double().mean().item()
                 if k < n_adapt:
-                    h = h_next if kind == "ula" else adapted(h, _accept_prob(log_a), i, t)
+                    h = adapted(h, _accept_prob(log_a), i, t)
                     log_h_sum += math.log(h)
                     if k == n_adapt - 1:  # the average damps oscillation where acceptance falls steeply
                         h = math.exp(log_h_sum / n_adapt)
