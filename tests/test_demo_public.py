@@ -50,6 +50,14 @@ def test_tempered_lift_matches_a_hand_computation():
                                     rel_tol=1e-9, abs_tol=1e-12)
             assert r.lift[k, b].item() == pytest.approx(sum(vals) / n, rel=1e-6, abs=1e-9)
     assert r.lift.shape == (2, 3) and r.n_evals == 2 * n * 3
+    # t_max = 1: every trial at t = 0
+    r0 = tempered_lift(model, x0[:1], [0], sched, n_trials=2, t_max=1, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    torch.randint(0, 1, (2,), generator=g)
+    eps = torch.randn(2, 2, generator=g).double()
+    xt = abar[0].sqrt() * x0[0] + (1 - abar[0]).sqrt() * eps
+    e = xt @ model.W.T
+    assert r0.lift[0, 0].item() == pytest.approx(float(((eps - alpha * e) ** 2 - (eps - e) ** 2).mean()), rel=1e-6)
 
 
 def test_tempered_lift_is_positive_inside_a_gaussian_and_negative_far_out():
@@ -71,6 +79,8 @@ def test_tempered_lift_bad_input():
         tempered_lift(_Affine(), x0, [0], sched, n_trials=0)
     with pytest.raises(ValueError, match="x0"):
         tempered_lift(_Affine(), torch.zeros(3), [0], sched)
+    with pytest.raises(ValueError, match="t_max"):
+        tempered_lift(_Affine(), x0, [0], sched, t_max=51)
 
 
 def test_component_bank_routes_conditions_and_zero_base():

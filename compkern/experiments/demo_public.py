@@ -56,7 +56,7 @@ FULL_METHOD = "+ CompLift public (tempered, 1000 trials)"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the public protocol only (the shared ones are in demo.add_arguments)."""
     p.add_argument("--trials", type=int, default=50, help="public protocol: lift trials (public code: 50)")
-    p.add_argument("--alpha", type=float, default=0.9, help="public protocol: tempering of the 'unconditional' copy")
+    p.add_argument("--alpha", type=float, default=0.9, help="tempered lift: the 'unconditional' is alpha * eps_c (public code: 0.9)")
     p.add_argument("--ema", type=float, default=0.999, help="public protocol: EMA decay of the weights used")
     p.add_argument("--compare", default=None,
                    help="results.json of a `compkern demo` (default protocol) run to put beside this one in results.md")

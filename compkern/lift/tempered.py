@@ -28,22 +28,26 @@ __all__ = ["tempered_lift"]
 
 
 def tempered_lift(model: EpsModel, x0: torch.Tensor, conds: Sequence[int], schedule: NoiseSchedule, *,
-                  n_trials: int = 50, alpha: float = 0.9, chunk_trials: int = 10,
+                  n_trials: int = 50, alpha: float = 0.9, t_max: int | None = None, chunk_trials: int = 10,
                   generator: torch.Generator | None = None) -> LiftResult:
     """x0 (B, D), K condition ids -> LiftResult with lift, stderr, n_trials (K, B) (the mean over
-    the D coordinates, as the public code), n_evals = K * n_trials * B model rows."""
+    the D coordinates, as the public code), n_evals = K * n_trials * B model rows. Trials draw t
+    uniform in [0, t_max) (default: the whole schedule)."""
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() != 2:
         raise ValueError(f"x0 must be a float tensor (B, D), got {getattr(x0, 'shape', type(x0).__name__)}")
     if n_trials < 1 or chunk_trials < 1:
         raise ValueError(f"n_trials and chunk_trials must be positive, got {n_trials}, {chunk_trials}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    t_max = schedule.num_steps if t_max is None else t_max
+    if not 1 <= t_max <= schedule.num_steps:
+        raise ValueError(f"t_max must lie in [1, {schedule.num_steps}], got {t_max}")
     conds = list(conds)
     if not conds:
         raise ValueError("conds must name at least one condition")
     B, D = x0.shape
     K = len(conds)
-    t_all = torch.randint(0, schedule.num_steps, (n_trials,), generator=generator)
+    t_all = torch.randint(0, t_max, (n_trials,), generator=generator)
     eps_all = torch.randn(n_trials, D, generator=generator).to(x0)
     parts: list = [None] * K
     for s in range(0, n_trials, chunk_trials):
