@@ -14,11 +14,14 @@ COMMANDS = {
     "sepen": ("compkern.experiments.sepen", "Separate-and-Enhance on a procedural shapes world: train, finetune, evaluate"),
     "positions": ("compkern.experiments.positions", "multi-object positions: compose 1..5 objects, MCMC, CompLift"),
     "generate": ("compkern.pipelines.generate", "Stable Diffusion composed generation with CompLift rejection"),
+    "main-job": ("compkern.experiments.main_job", "the main job measured end to end on a trained shapes world (also `bench main-job`)"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "main-job"]:
+        argv = ["main-job", *argv[2:]]
     parser = argparse.ArgumentParser(prog="compkern", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
