@@ -395,3 +395,55 @@ def test_torchrun_two_gloo_processes_share_one_global_target(sd_path, tmp_path):
     assert ranks == {0, 1}
     # the target is global: the ranks stop in the round that reaches it
     assert m["batches"] <= s["batches"] + 1
+
+
+@pytest.fixture(scope="module")
+def pixel_path(tmp_path_factory):
+    """A pixel-space text-to-image folder without vae/: the shapes world's layout (`compkern sepen train`)."""
+    from compkern.experiments.sepen import build_components
+
+    path = tmp_path_factory.mktemp("pixel") / "model"
+    build_components(naming="nouns").save_pretrained(path)
+    return path
+
+
+def test_pixel_space_folder_runs_through_the_pipeline_and_generate(pixel_path, tmp_path):
+    assert not (pixel_path / "vae").exists()
+    pipe = CompositionPipeline.from_pretrained(pixel_path)
+    assert pipe.vae is None and pipe.vae_scale == 1 and pipe.latent_channels == 3
+    out = pipe("a red_square AND a blue_ring", seeds=[0, 1], num_inference_steps=3, guidance_scale=3.0,
+               output_type="pt", eta=1.0)
+    assert out.latents.shape == (2, 3, 16, 16) and float(out.latents.abs().max()) <= 1.0  # x0 clipped in pixel space
+    torch.testing.assert_close(out.images, (out.latents / 2 + 0.5).clamp(0, 1))  # decoding is the identity
+    run = tmp_path / "px"
+    assert _run(["--model", str(pixel_path), "--out", str(run), "--n", "1", "--max-attempts", "2", "--steps", "2",
+                 "--batch-size", "2", "--prompt", "a red_square AND NOT a green_cross", "--dtype", "fp32",
+                 "--device", "cpu", "--threads", "1", "--save-rejected"]) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["attempted"] == 2 and m["config"]["generate"] == "joint" and m["config"]["target"] == "joint"
+    assert all((run / f"images/{i:06d}.png").exists() for i in range(2))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt", "a cat AND"], "empty component"),
+    (["--prompt", "(a cat AND a dog"], "unbalanced parentheses"),
+    (["--prompt", "a cat AND a dog)"], "unbalanced parentheses"),
+    (["--n", "0"], "--n"),
+    (["--lift", "public", "--trials", "0"], "--trials"),
+    (["--prompt", "a cat OR a dog", "--target", "joint"], "--target joint"),
+])
+def test_generate_bad_input_names_the_argument(sd_path, tmp_path, argv, match):
+    base = {"--prompt": "a cat AND NOT a dog", "--n": "1"}
+    args = dict(base)
+    it = iter(argv)
+    for k in it:
+        args[k] = next(it)
+    flat = [x for kv in args.items() for x in kv]
+    with pytest.raises(ValueError, match=match):
+        _run(["--model", str(sd_path), "--out", str(tmp_path / "o"), "--device", "cpu", "--dtype", "fp32", *flat])
+
+
+def test_generate_refuses_a_folder_without_unet(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--model .*unet"):
+        _run(["--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--prompt", "a cat"])
