@@ -391,3 +391,27 @@ def test_sepen_cli_keeps_the_world_of_a_run(tmp_path):
     assert (tmp_path / "fig.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="another world"):
         cli("train", "--what", "base", "--steps", "2")
+
+
+def test_uncaptioned_companions():
+    """extra_fraction: a single-object scene also holds its companion (next color, next shape),
+    which its caption does not name; pairs stay as captioned; old run folders read the same."""
+    palette = torch.tensor(list(shapes.COLORS.values()))
+
+    def colors(img):  # which of the three colors an image shows
+        return [bool(((img - c.view(3, 1, 1)).abs().sum(0) < 1e-6).any()) for c in palette]
+
+    w = shapes.ShapesWorld(pair_fraction=0.0, naming="nouns", extra_fraction=1.0)
+    imgs, objs = w.sample_batch(64, torch.Generator().manual_seed(0))
+    assert all(len(o) == 1 for o in objs)
+    for img, (o,) in zip(imgs, objs):
+        c, mate = o // 3, shapes.companion(o) // 3
+        assert mate != c and colors(img) == [i in (c, mate) for i in range(3)]
+    none = shapes.ShapesWorld(pair_fraction=0.0, naming="nouns")
+    imgs, objs = none.sample_batch(32, torch.Generator().manual_seed(0))
+    assert all(sum(colors(img)) == 1 for img in imgs)
+    assert sorted(shapes.companion(o) for o in range(9)) == list(range(9))  # a permutation
+    assert all(shapes.OBJECTS[o][1] != shapes.OBJECTS[shapes.companion(o)][1] for o in range(9))
+    assert "extra_fraction" not in none.to_dict() and shapes.ShapesWorld(**w.to_dict()) == w
+    with pytest.raises(ValueError, match="extra_fraction"):
+        shapes.ShapesWorld(extra_fraction=1.5)
