@@ -193,7 +193,9 @@ def train_model(out: Path, *, steps: int, batch_size: int, hidden: int, depth: i
 
 
 @torch.no_grad()
-def run_task(model, schedule, task: Task, args, g: torch.Generator) -> dict:
+def run_task(model, schedule, task: Task, args, g: torch.Generator, g_tempered: torch.Generator) -> dict:
+    """Generate ``args.n`` samples of ``task``, score them with every method. ``g_tempered`` draws
+    the tempered lift's trials (its own stream, so the other methods' numbers do not depend on it)."""
     null = BACKGROUND_ID
     conds = task.classes
     K = len(conds)
@@ -222,7 +224,8 @@ def run_task(model, schedule, task: Task, args, g: torch.Generator) -> dict:
                        n_trials=args.max_trials, chunk_trials=2, min_trials=2, generator=g)
     record("+ CompLift adaptive", ra.accept, ra.n_evals + cal.rows, {"pilot_rows": cal.rows})
     # the public code's lift on this model: each condition against its own alpha-tempered copy
-    rt = tempered_lift(model, x, conds, schedule, n_trials=50, alpha=args.alpha, t_max=args.tempered_t_max, generator=g)
+    rt = tempered_lift(model, x, conds, schedule, n_trials=50, alpha=args.alpha, t_max=args.tempered_t_max,
+                       generator=g_tempered)
     record("+ CompLift tempered 50 trials", task.expr.accept(rt.lift), rt.n_evals)
     if args.full:
         r1k = estimate_lift(model, x, conds, null, schedule, n_trials=1000, chunk_trials=250, stratified=False,
@@ -340,11 +343,11 @@ def _run(args: argparse.Namespace) -> int:
                                   depth=args.depth, n_per_class=args.n_per_class, seed=args.seed, progress=progress)
     t_train = time.time() - t_start
     tasks = select_tasks(args.tasks)
-    g = torch.Generator().manual_seed(args.seed + 1)
+    g, g_tempered = torch.Generator().manual_seed(args.seed + 1), torch.Generator().manual_seed(args.seed + 2)
     results = []
     from tqdm.auto import tqdm
     for task in tqdm(tasks, desc="tasks", disable=not progress):
-        results.append(run_task(model, schedule, task, args, g))
+        results.append(run_task(model, schedule, task, args, g, g_tempered))
     methods = METHODS + (["+ CompLift 1000 trials"] if args.full else [])
     table, summary = _table(results, methods)
     print(table)
