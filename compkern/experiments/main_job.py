@@ -10,8 +10,9 @@ saved diffusers folder (pixel space, no VAE) and the lift maps of `compkern gene
     compkern main-job report --out runs/main_job                     # table.md, results.json, grid.png
 
 Suites (expressions over the world's one-word objects): AND of a seen pair, AND of a held-out
-pair, A AND NOT companion(A) (A's caption often draws its companion), A OR B, and
-A AND B AND NOT companion(A). A cell is (suite, prompt): ``--n`` candidates (seeds 0..n-1)
+pair, A AND NOT companion(A) (A's caption often draws its companion) generated with the NOT
+guiding away and, as "not_filter", generated from A alone (weight 0*: the NOT only filters),
+A OR B, and A AND B AND NOT companion(A). A cell is (suite, prompt): ``--n`` candidates (seeds 0..n-1)
 generated once, with the generation of `compkern generate` (guidance on the joint caption, the
 other terms composed; OR: composed), every method scoring the same candidates:
 
@@ -45,7 +46,7 @@ from compkern.data import shapes
 from compkern.pipelines import lift_maps as LM
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
-SUITES = ("and_seen", "and_heldout", "not", "or", "and_not")
+SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
 METHODS = ("none", "public", "cached-joint", "cached-noise", "cached-composed", "fresh-32", "fresh-adaptive")
 PIXEL_METHODS = ("public", "cached-joint", "cached-noise", "cached-composed", "fresh-32", "reference")
 THRESHOLDS = (0.0, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -65,6 +66,8 @@ def suite_prompts(world: shapes.ShapesWorld, suite: str, n_prompts: int) -> list
         out = [(f"{cap(a)} AND {cap(b)}", [a, b]) for a, b in world.held_out_pairs]
     elif suite == "not":
         out = [(f"{cap(a)} AND NOT {cap(comp(a))}", [a, comp(a)]) for a in range(len(shapes.OBJECTS))]
+    elif suite == "not_filter":  # the same NOT, generated from A alone (weight 0: filtered, not guided away)
+        out = [(f"{cap(a)} AND NOT 0*{cap(comp(a))}", [a, comp(a)]) for a in range(len(shapes.OBJECTS))][::-1]
     elif suite == "or":
         out = [(f"{cap(a)} OR {cap(b)}", [a, b]) for a, b in seen[::-1]]
     elif suite == "and_not":
@@ -259,10 +262,11 @@ def report(out: Path) -> str:
         raise ValueError(f"--out {out} holds no cells yet: run `compkern main-job run` first")
     cells = [load(f) for f in files]
     default = (LM.DEFAULT_THRESHOLD, LM.DEFAULT_MIN_PIXELS)
-    rules = {m: calibrate_rule(cells, m) for m in PIXEL_METHODS}
+    present = {m for c in cells for m in c["maps"]}
+    rules = {m: calibrate_rule(cells, m) for m in PIXEL_METHODS if m in present}
     rows = []
     variants = [("none", None, "-")] + [(m, default, "default") for m in METHODS if m in PIXEL_METHODS] + \
-        [(m, rules[m], "calibrated") for m in METHODS if m in PIXEL_METHODS] + [("fresh-adaptive", None, "mean sign")]
+        [(m, rules[m], "calibrated") for m in METHODS if m in rules] + [("fresh-adaptive", None, "mean sign")]
     for suite in SUITES:
         sc = [c for c in cells if c["suite"] == suite]
         if not sc:
@@ -276,7 +280,7 @@ def report(out: Path) -> str:
                 m = _split(c, "eval") if split == "eval" else torch.ones(len(c["seeds"]), dtype=torch.bool)
                 dec = _decide(c, method, rule)
                 pairs.append((dec[m], c["satisfied"][m]))
-                if "reference" in c["maps"]:
+                if "reference" in c["maps"] and method != "reference":
                     r = c["maps"]["reference"].shape[1]
                     ref = _decide({**c, "seeds": c["seeds"][:r]}, "reference", rules["reference"])
                     ref_pairs.append((dec[:r][m[:r]], ref[m[:r]]))
@@ -307,7 +311,8 @@ def report(out: Path) -> str:
                      f"{_f(r['agreement_with_reference'])} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    grid(cells, rules["cached-joint"], out / "grid.png")
+    if "cached-joint" in rules:
+        grid(cells, rules["cached-joint"], out / "grid.png")
     return table
 
 
