@@ -145,6 +145,12 @@ def test_joint_generation_is_guidance_on_the_joint_caption(sd):
     bare = sd(PROMPT, seeds=[3], num_inference_steps=3, output_type="latent", guidance_scale=2.0, record=False)
     assert bare.n_evals == 3 * 3
     torch.testing.assert_close(bare.latents, out.latents, atol=1e-4, rtol=1e-4)
+    # record_every=2: all rows on steps 0, 2 (kept), only base, dog and joint on step 1
+    half = sd(PROMPT, seeds=[3], num_inference_steps=3, output_type="latent", guidance_scale=2.0, record_every=2)
+    assert len(half.record) == 2 and half.n_evals == 2 * 5 + 1 * 3
+    torch.testing.assert_close(half.latents, out.latents, atol=1e-4, rtol=1e-4)
+    for a, b in zip(half.record.preds, out.record.preds[::2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     # a joint that is one component ("a cat AND NOT a dog" -> "a cat") reuses that row
     c2 = parse_composition("a cat AND NOT a dog")
     assert c2.joint == "a cat" and c2.joint_row == 1 and c2.condition_prompts() == ["", "a cat", "a dog"]

@@ -21,7 +21,9 @@ other terms composed; OR: composed), every method scoring the same candidates:
   with one noise bank, the full prompt (joint caption) as target for AND prompts (the noise
   elsewhere: the public code defines no target for NOT / OR), one image at a time;
 - cached-joint / cached-noise / cached-composed: the sampling run's own steps, targets of
-  ``cached_lift_maps`` (composed: the old default, for comparison);
+  ``cached_lift_maps`` (composed: the old default, for comparison); cached-joint-every2: every
+  other step of the same record, as `--record-every 2` keeps it (its rows are counted as that
+  run evaluates them; its wall time is the plain run's plus half the record's extra);
 - fresh-32: 32 uniform-t fresh trials, noise target; fresh-adaptive: compkern.lift.estimate_lift
   adaptive on the expression (mean-lift sign, at most 64 trials);
 - reference: 1000 fresh trials (noise target) on the first ``--ref-n`` candidates of a cell.
@@ -47,8 +49,10 @@ from compkern.pipelines import lift_maps as LM
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
-METHODS = ("none", "public", "cached-joint", "cached-noise", "cached-composed", "fresh-32", "fresh-adaptive")
-PIXEL_METHODS = ("public", "cached-joint", "cached-noise", "cached-composed", "fresh-32", "reference")
+METHODS = ("none", "public", "cached-joint", "cached-joint-every2", "cached-noise", "cached-composed", "fresh-32",
+           "fresh-adaptive")
+PIXEL_METHODS = ("public", "cached-joint", "cached-joint-every2", "cached-noise", "cached-composed", "fresh-32",
+                 "reference")
 THRESHOLDS = (0.0, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 MIN_FRACTIONS = (1 / 256, 2 / 256, 3 / 256, 5 / 256, 8 / 256, 12 / 256, 16 / 256, 24 / 256, 32 / 256, 48 / 256)
 # settings that change the numbers: a folder made with other settings is refused
@@ -127,6 +131,13 @@ def run_cell(pipe, detector, expression_text: str, objs: list[int], cfg: dict) -
         maps, wall = _timed(lambda: LM.cached_lift_maps(rec.record, signs, target=target, joint_row=comp.joint_row,
                                                         latents=x0, schedule=pipe.schedule))
         put(f"cached-{target}", maps, wall, "record")
+    if comp.joint is not None:  # record_every=2: the same trajectory, every other step kept (steps 0, 2, ...)
+        maps, wall = _timed(lambda: LM.cached_lift_maps(rec.record, signs, joint_row=comp.joint_row,
+                                                        steps=slice(0, None, 2)))
+        put("cached-joint-every2", maps, wall, "record_every2")
+        extra = rec.n_evals - plain.n_evals  # rows the record added: they cost half with record_every=2
+        cell["gen"]["record_every2"] = {"rows": (plain.n_evals + extra * math.ceil(cfg["steps"] / 2) / cfg["steps"]) / n,
+                                        "wall": (wall_plain + (wall_rec - wall_plain) / 2) / n}
     p_target = "joint" if pure_and else "noise"
     emb_pub = pipe.encode(comp.condition_prompts(with_joint=p_target == "joint"))
     ones = []

@@ -350,8 +350,8 @@ class CompositionPipeline:
                  guidance_scale: float = 7.5, negative_prompt: str = "", eta: float = 0.0,
                  generate: str = "joint", record_joint: bool | None = None, clip_x0: float | str | None = "auto",
                  height: int | None = None, width: int | None = None, chunk_size: int | str | None = None,
-                 record: bool = True, output_type: str = "pil", latents: torch.Tensor | None = None,
-                 progress: bool = False) -> CompositionOutput:
+                 record: bool = True, record_every: int = 1, output_type: str = "pil",
+                 latents: torch.Tensor | None = None, progress: bool = False) -> CompositionOutput:
         """Generate len(seeds) images of the composed prompt.
 
         generate: 'joint' (default; classifier-free guidance on the joint caption of the required
@@ -360,8 +360,10 @@ class CompositionPipeline:
         NOT) are always composed. record_joint: evaluate the joint caption as an extra condition
         row (row K+1; the CompLift target of ``cached_lift_maps(target='joint')``); None: when
         generating from it. clip_x0: clamp the predicted x0 at each step ('auto': to [-1, 1] for a
-        pixel-space model without a VAE, off for latents). ``chunk_size`` caps the UNet rows per
-        call (None: all rows at once; "auto": start there and halve on out-of-memory)."""
+        pixel-space model without a VAE, off for latents). record_every: with ``record``, keep every
+        k-th step (all rows evaluated there, the steps between evaluate only the rows generation
+        weighs). ``chunk_size`` caps the UNet rows per call (None: all rows at once; "auto": start
+        there and halve on out-of-memory)."""
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if generate not in GENERATE_MODES:
@@ -385,14 +387,13 @@ class CompositionPipeline:
             clip_x0 = 1.0 if self.vae is None else None
         B, R = x_T.shape[0], len(emb)
         weights = comp.weights(guidance_scale, generate=generate, rows=R).to(self.device)
-        used = torch.arange(R, device=self.device)
-        if not record:  # nothing is kept: evaluate only the base and the rows generation weighs
-            used = torch.cat([used[:1], used[1:][weights != 0]])
-        ids = used[:, None].expand(len(used), B)
-        gen_weights = weights[used[1:] - 1]
-        rows = len(used) * B if chunk_size in (None, "auto") else int(chunk_size)
+        ids = torch.arange(R, device=self.device)[:, None].expand(R, B)
+        used = torch.cat([ids.new_zeros(1), 1 + (weights != 0).nonzero().flatten()])
+        gen_weights = weights[used[1:] - 1]  # without a record only the base and the weighted rows are evaluated
+        rows = (R if record else len(used)) * B if chunk_size in (None, "auto") else int(chunk_size)
         while True:
-            eps_fn = ComposedEps(self.eps_model(emb), ids, gen_weights, chunk_size=rows, record=record)
+            eps_fn = ComposedEps(self.eps_model(emb), ids if record else ids[used], weights if record else gen_weights,
+                                 chunk_size=rows, record=record, record_every=record_every)
             try:
                 x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
                                  progress=progress, generator=gens if eta > 0 else None)

@@ -34,7 +34,7 @@ from compkern.pipelines.composition import GENERATE_MODES
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 # settings that change which images are accepted: a resumed run must match them
-_FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift",
+_FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift", "record_every",
            "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype")
 
 
@@ -67,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target of cached / public trials: the joint caption's prediction (recorded as one more "
                         "condition row), the noise (recovered from x_t and the final latents), or the composed "
                         "prediction (comparison only: NOT can never fail)")
+    p.add_argument("--record-every", type=int, default=1,
+                   help="cached: keep every k-th sampling step as a trial (the component rows are evaluated only there)")
     p.add_argument("--threshold", type=float, default=LM.DEFAULT_THRESHOLD, help="pixel lift threshold")
     p.add_argument("--min-pixels", type=float, default=LM.DEFAULT_MIN_PIXELS,
                    help="latent pixels above threshold for a component to count as present (below 1: a fraction)")
@@ -177,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.record_every < 1:
+        raise ValueError(f"--record-every must be >= 1, got {args.record_every}")
     if args.trials < 1 and args.lift in ("fresh", "public"):
         raise ValueError(f"--trials must be >= 1 with --lift {args.lift}, got {args.trials}")
     model = Path(args.model)
@@ -271,7 +275,8 @@ def _run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
     res = pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                negative_prompt=args.negative_prompt, eta=args.eta, generate=args.generate,
                record_joint=(args.lift == "cached" and args.target == "joint") or None, height=args.height, width=args.width,
-               chunk_size=args.chunk_size, record=args.lift == "cached", output_type="latent")
+               chunk_size=args.chunk_size, record=args.lift == "cached", record_every=args.record_every,
+               output_type="latent")
     maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
     rows = res.n_evals + (0 if maps is None else maps.n_evals)
     keep = [b for b in range(B) if ok[b] or args.save_rejected]

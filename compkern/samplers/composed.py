@@ -30,26 +30,53 @@ class StepRecord:
 
 
 class ComposedEps:
-    """eps_fn(x_t (B, *S), t (B,)) -> combine_eps(evaluate_conditions(model, x_t, t, conds), weights)."""
+    """eps_fn(x_t (B, *S), t (B,)) -> combine_eps(evaluate_conditions(model, x_t, t, conds), weights).
+
+    record: keep (x_t, t, preds of every condition row) of the calls; with ``record_every`` = k
+    only every k-th call (0, k, 2k, ...) evaluates and keeps every row, the calls between evaluate
+    only the base and the rows some weight uses (rows kept for scoring cost 1/k as much)."""
 
     def __init__(self, model: EpsModel, conds: Any, weights: torch.Tensor, *, chunk_size: int | None = None,
-                 record: bool = False, backend: str = "auto",
+                 record: bool = False, record_every: int = 1, backend: str = "auto",
                  output_to_eps: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        if int(record_every) < 1:
+            raise ValueError(f"record_every must be >= 1, got {record_every}")
         self.model, self.conds, self.chunk_size, self.backend = model, conds, chunk_size, backend
         self.weights = torch.as_tensor(weights, dtype=torch.float32)
         self.output_to_eps = output_to_eps  # e.g. schedule.v_to_eps for v-prediction models
         self.record = StepRecord() if record else None
+        self.record_every = int(record_every)
         self.n_evals = 0  # model rows evaluated
+        self.n_calls = 0
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        preds = evaluate_conditions(self.model, x_t, t, self.conds, chunk_size=self.chunk_size)
+    def _used(self) -> torch.Tensor:
+        """Row indices generation needs: the base and every row with a nonzero weight."""
+        w = self.weights.reshape(-1, self.weights.shape[-1])
+        return torch.cat([torch.zeros(1, dtype=torch.long), 1 + (w != 0).any(0).nonzero().flatten()])
+
+    def _evaluate(self, x_t: torch.Tensor, t: torch.Tensor, conds: Any) -> torch.Tensor:
+        preds = evaluate_conditions(self.model, x_t, t, conds, chunk_size=self.chunk_size)
         if self.output_to_eps is not None:
             tt = t.expand(x_t.shape[0]) if t.dim() == 0 else t
             preds = self.output_to_eps(x_t.unsqueeze(0).expand_as(preds).flatten(0, 1), preds.flatten(0, 1),
                                        tt.repeat(preds.shape[0])).view_as(preds)
         self.n_evals += preds.shape[0] * preds.shape[1]
-        if self.record is not None:
-            self.record.x_t.append(x_t.detach())
-            self.record.t.append(t.detach().expand(x_t.shape[0]).clone())
-            self.record.preds.append(preds.detach())
-        return combine_eps(preds, self.weights.to(preds.device), backend=self.backend)
+        return preds
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        keep = self.record is not None and self.n_calls % self.record_every == 0
+        self.n_calls += 1
+        if keep or self.record_every == 1:
+            preds = self._evaluate(x_t, t, self.conds)
+            weights = self.weights
+            if keep:
+                self.record.x_t.append(x_t.detach())
+                self.record.t.append(t.detach().expand(x_t.shape[0]).clone())
+                self.record.preds.append(preds.detach())
+        else:
+            used = self._used()
+            conds = self.conds[used.to(self.conds.device)] if isinstance(self.conds, torch.Tensor) else \
+                [self.conds[i] for i in used.tolist()]
+            preds = self._evaluate(x_t, t, conds)
+            weights = self.weights[..., used[1:] - 1]
+        return combine_eps(preds, weights.to(preds.device), backend=self.backend)
