@@ -175,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         import json
         other = json.loads(Path(args.compare).read_text())
-        columns = [(f"compkern: {m}", other["tasks"], m) for m in other["tasks"][0]["methods"]] + columns
+        names = other["tasks"][0]["methods"]  # sorted by name in the JSON: list them in the demo's order
+        names = [m for m in demo.METHODS if m in names] + [m for m in names if m not in demo.METHODS]
+        columns = [(f"compkern: {m}", other["tasks"], m) for m in names] + columns
     md = markdown(columns)
     (out / "results.md").write_text(md)
     seconds = {"train_or_load": t_train, "total": time.time() - t_start}
