@@ -4,28 +4,52 @@ One batched model call per chunk of trials evaluates the null row and the K cond
 same (eps, t) (compkern.models.evaluate_conditions); ops.lift_partial reduces it. Trials draw t
 uniformly (the paper) or from importance probabilities ``t_probs`` (weights keep the estimand the
 uniform-t average: importance sampling changes the variance, never the answer), in stratified
-blocks of ``chunk_trials`` draws.
+blocks of ``chunk_trials`` draws. With ``antithetic`` a trial is eps paired with -eps at one t; the
+pair's mean is one independent draw (the pairs' t are stratified over the whole proposal).
 
 Modes:
 - fixed: ``n_trials`` trials for every sample (the paper's settings: 50 in 2-D, 1000 best).
-- adaptive: per (condition, sample), stop once the sign is certain (|mean| > z * stderr after at
-  least ``min_trials``) or, with an ``expr``, once the expression's decision is certain; settled
-  pairs leave the batch, so a sample pays its null row only while one of its signs is still open.
+- adaptive: per (condition, sample), stop once the sign is certain or, with an ``expr``, once the
+  expression's decision is certain; settled pairs leave the batch, so a sample pays its null row
+  only while one of its signs is still open.
 - cached: ``record`` (a StepRecord from ComposedEps(record=True) that generated x0) supplies free
   trials: the noise of step t is recovered as n_t = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t).
-  Fresh trials are then added (adaptive: only where the sign is still open).
+
+The stop rule (one rule for every mode). A sign is *settled* only by fresh trials, by a group
+sequential test with the error budget alpha = 1 - confidence (or 1 - Phi(z); default z = 3, alpha =
+0.135%): P(a settled sign is wrong) <= alpha for every (condition, sample) pair, over all the looks.
+The test looks after every chunk once ``min_trials`` fresh trials are in, at the draw counts
+m_1 < ... < m_L fixed by n_trials, chunk_trials and min_trials; it settles the sign of the mean when
+|mean| > c_t * stderr, where c is the constant (Pocock) boundary for which a Gaussian random walk
+with mean 0 first leaves (-c sqrt(m), c sqrt(m)) on the wrong side, at one of those looks, with
+probability alpha (recursive numerical integration, ``_boundary``), and c_t converts c's per-look
+tail to Student-t at the standard error's degrees of freedom (n - 1; with a calibration, the
+moderated d0 + n - 1). A mean of 0 is the worst case, so the bound holds for every lift. An
+expression is decided from settled signs only: it is wrong only if one of the signs it used is.
+
+Cached trials are not independent draws: the steps of one reverse trajectory are strongly
+correlated and, with DDIM (eta = 0), a deterministic function of x0, so they carry no error bar.
+They give the estimate (``lift``, ``pixel_lift``, ``cached_lift``) of every pair that receives no
+fresh trial (e.g. ``n_trials=0``: free lift maps), with stderr inf; they never count toward
+``min_trials``, the stderr or the stop, and once a pair has fresh trials its estimate is the fresh
+mean (unbiased), which alone settles its sign. With an ``expr``, the cached signs choose which open
+pair to test first: when settling one open component at its cached sign would decide a sample's
+expression, only that component (the one of largest cached |z|) gets fresh trials until it settles
+(the order of the tests never changes their error bound).
 
 ``calibrate`` runs a small uniform pilot once per (model, task): it returns the importance
 proposal over t and a variance-vs-lift trend that moderates the per-pair standard errors
-(empirical Bayes), so that signs are trusted after few trials without false early stops. The
-estimate is the plain importance-sampling mean of v = w d with its iid standard error.
+(empirical Bayes). The estimate is the plain importance-sampling mean of v = w d with its iid
+standard error.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from compkern.models.base import EpsModel, evaluate_conditions, stack_conditions
@@ -36,7 +60,13 @@ from compkern.ops import lift_partial
 @dataclass
 class LiftResult:
     """lift, stderr, n_trials (K, B); pixel_lift (K, B, H, W) or None; n_evals: model rows spent
-    (cached trials are free); accept (B,) bool and decided (B,) bool when an ``expr`` was given."""
+    (cached trials are free); accept (B,) bool and decided (B,) bool when an ``expr`` was given.
+
+    lift: the mean of the fresh trials, or of the cached ones where a pair got no fresh trial;
+    stderr: of the fresh mean (inf with fewer than two fresh draws); n_trials: fresh trials;
+    settled (K, B) bool: signs the stop marked certain (P(wrong) <= alpha each); alpha: that error
+    budget; boundary: the Gaussian per-look boundary c of the sequential test (inf: no look);
+    cached_lift (K, B) or None: the mean of the record's trials; n_cached: record steps used."""
 
     lift: torch.Tensor
     stderr: torch.Tensor
@@ -45,11 +75,17 @@ class LiftResult:
     pixel_lift: torch.Tensor | None = None
     accept: torch.Tensor | None = None
     decided: torch.Tensor | None = None
+    settled: torch.Tensor | None = None
+    alpha: float | None = None
+    boundary: float | None = None
+    cached_lift: torch.Tensor | None = None
+    n_cached: int = 0
 
 
 class _Sums:
-    """Running sums per (condition, sample) of the importance-weighted trial values v = w * d:
-    count n, sum of v, sum of v^2 (and of the per-pixel v). Per pair, because settled pairs stop
+    """Running sums per (condition, sample) of independent draws of the importance-weighted trial
+    value v = w * d (an antithetic pair's mean is one draw): count n, sum of v, sum of v^2 (and of
+    the per-pixel v), each (K, B) (pixel: (K, B, H, W)). Per pair, because settled pairs stop
     receiving trials while their sample goes on.
 
     The estimate is the plain importance-sampling mean sum(v) / n (unbiased for the uniform-t
@@ -166,6 +202,14 @@ def calibrate(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any, sch
     w = ((1.0 / T) / probs[tc])[None]  # (1, n, B)
     m = d.mean(1).reshape(-1)
     var = ((w * d.square()).mean(1).reshape(-1) - m.square()).clamp_min(0)
+    coef = _fit_trend(m, var)
+    return LiftCalibration(probs.float(), coef.float(), float(prior_dof), rows)
+
+
+def _fit_trend(m: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(3,) fp64 coefficients of the non-negative trend var ~ c0 + c1 m^2 + c2 |m| (m, var (P,)),
+    least squares; c0 > 0."""
+    m, var = m.double().cpu(), var.double().cpu()
     A = torch.stack([torch.ones_like(m), m.square(), m.abs()], 1)
     coef = torch.linalg.lstsq(A, var[:, None]).solution.flatten()
     if bool((coef < 0).any()):  # keep the trend non-negative: refit on the non-negative terms
@@ -176,7 +220,7 @@ def calibrate(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any, sch
         coef[keep] = sub
     if float(coef[0]) <= 0:
         coef[0] = max(float(var.mean()) * 1e-3, 1e-12)
-    return LiftCalibration(probs.float(), coef.float(), float(prior_dof), rows)
+    return coef
 
 
 def calibrate_t_probs(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any, schedule: NoiseSchedule,
@@ -186,11 +230,73 @@ def calibrate_t_probs(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: 
     return cal.t_probs, cal.rows
 
 
-def _t_quantile(z: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
-    """Student-t critical value matching the normal one z, at dof degrees of freedom
-    (Cornish-Fisher expansion; exact enough for dof >= 3)."""
-    v = dof.clamp_min(1)
-    return z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
+def _t_crit(z: float, dof: torch.Tensor) -> torch.Tensor:
+    """The Student-t critical value with the one-sided tail 1 - Phi(z) of the normal one, at dof
+    (K, B) degrees of freedom (inf where dof < 1: no standard error yet)."""
+    from scipy.special import ndtr, stdtrit
+
+    d = dof.detach().double().cpu().numpy()
+    crit = torch.from_numpy(stdtrit(d.clip(min=1), float(ndtr(z)))).to(dof.device, dof.dtype)
+    return torch.where(dof >= 1, crit, torch.full_like(crit, float("inf")))
+
+
+@functools.lru_cache(maxsize=64)
+def _boundary(looks: tuple[int, ...], alpha: float) -> float:
+    """The constant (Pocock) boundary c of a sign test looking at draw counts ``looks``
+    (increasing): a Gaussian random walk S_m with mean 0, unit variance, absorbed once |S_m| >
+    c sqrt(m) at a look, leaves through -c sqrt(m) with probability alpha. Recursive numerical
+    integration (Armitage, McPherson & Rowe 1969) on a grid of the continuation region, Simpson
+    weights, Illinois root finding on log P(error); ~1e-4 accurate, cached per (looks, alpha)."""
+    from scipy.special import ndtr, ndtri
+
+    z1 = float(ndtri(1 - alpha))
+    if len(looks) <= 1:
+        return z1
+    m = np.asarray(looks, dtype=np.float64)
+    sd = np.sqrt(np.diff(m))
+    top = float(ndtri(1 - alpha / len(looks)))  # Bonferroni: the boundary lies in [z1, top]
+    G = min(401, max(61, int(3 * top * math.sqrt(m[-1]) / sd.min()) // 2 * 2 + 1))
+    u = np.linspace(-1.0, 1.0, G)
+    simpson = np.ones(G)
+    simpson[1:-1:2], simpson[2:-1:2] = 4, 2
+    simpson *= 2 / (3 * (G - 1))  # on u in [-1, 1]
+
+    def log_err(c: float) -> float:
+        b = c * math.sqrt(m[0])
+        x = b * u
+        f = np.exp(-0.5 * x ** 2 / m[0]) / math.sqrt(2 * math.pi * m[0]) * simpson * b  # density x weight
+        err = float(ndtr(-c))
+        for j in range(1, len(m)):
+            b = c * math.sqrt(m[j])
+            err += float(f @ ndtr((-b - x) / sd[j - 1]))
+            xn = b * u
+            f = (f @ np.exp(-0.5 * ((xn[None] - x[:, None]) / sd[j - 1]) ** 2)) / (sd[j - 1] * math.sqrt(2 * math.pi)) * simpson * b
+            x = xn
+        return math.log(err) - math.log(alpha)
+
+    lo, hi = z1, top
+    flo, fhi = log_err(lo), log_err(hi)
+    side, c = 0, hi
+    for _ in range(60):
+        c = (lo * fhi - hi * flo) / (fhi - flo)
+        fc = log_err(c)
+        if abs(fc) < 1e-7 or hi - lo < 1e-7:
+            break
+        if fc > 0:
+            lo, flo = c, fc
+            if side == 1:
+                fhi /= 2
+            side = 1
+        else:
+            hi, fhi = c, fc
+            if side == -1:
+                flo /= 2
+            side = -1
+    return max(c, z1)
+
+
+_SELF_MIN_PAIRS = 8  # pairs needed to fit the variance trend from the batch itself
+_SELF_DOF = 4.0  # prior draws that self-fitted trend is worth
 
 
 # -- the estimator ------------------------------------------------------------------------------------
@@ -215,12 +321,28 @@ def _stack(conds: Any, null_cond: Any, B: int, device) -> torch.Tensor:
     return stack_conditions([null_cond, *conds], B).to(device)
 
 
-def _z_from(confidence: float | None, z: float | None) -> float:
+def _alpha_from(confidence: float | None, z: float | None) -> tuple[float, float]:
+    """(alpha, z): the error budget of a settled sign, alpha = 1 - confidence = 1 - Phi(z)."""
+    from scipy.special import ndtr, ndtri
+
     if confidence is not None:
         if not 0.5 < confidence < 1:
             raise ValueError(f"confidence must lie in (0.5, 1), got {confidence}")
-        return math.sqrt(2) * torch.erfinv(torch.tensor(2 * confidence - 1, dtype=torch.float64)).item()
-    return 3.0 if z is None else float(z)
+        return 1 - float(confidence), float(ndtri(confidence))
+    z = 3.0 if z is None else float(z)
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"z must be a finite positive number, got {z}")
+    return float(ndtr(-z)), z
+
+
+def _looks(n_trials: int, chunk_trials: int, min_trials: int, adaptive: bool, per_draw: int) -> tuple[int, ...]:
+    """The draw counts at which the stop tests a pair: adaptive, after every chunk of chunk_trials
+    (the cap n_trials rounded up to whole chunks) once min_trials fresh trials are in; fixed, once at
+    n_trials. per_draw: trials per independent draw (2 for antithetic pairs)."""
+    if n_trials == 0:
+        return ()
+    ends = [n_trials] if not adaptive else range(chunk_trials, -(-n_trials // chunk_trials) * chunk_trials + 1, chunk_trials)
+    return tuple(e // per_draw for e in ends if e >= min_trials and e // per_draw >= 2)
 
 
 @torch.no_grad()
@@ -234,14 +356,17 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
 
     x0 (B, *S) clean samples; conds: K conditions (a list, each shared by the batch, or a tensor
     (K, B, *C)); null_cond: the null/base condition (the model's null id, an empty-prompt state).
-    n_trials: the fixed budget, or the per-pair maximum of fresh trials in adaptive mode.
-    expr: an expression from ``compkern.lift.parse`` over the K conditions (in order); in
-    adaptive mode a sample stops once the expression's value is certain. z / confidence: the
-    two-sided certainty of a sign (default z = 3). t_probs (num_steps,): importance proposal over t
-    (see ``calibrate_t_probs``). calibration: a ``calibrate`` result: its t_probs, and in adaptive
-    mode standard errors moderated toward its variance trend (reliable signs after few trials).
-    antithetic: pair each eps with -eps (chunk_trials must be even).
-    record: a StepRecord of the sampling run that produced x0 (cached trials). pixel_map: also a
+    n_trials: the fixed budget of fresh trials, or the per-pair maximum in adaptive mode (rounded
+    up to whole chunks of ``chunk_trials``). expr: an expression from ``compkern.lift.parse`` over
+    the K conditions (in order); in adaptive mode a sample stops once the expression's value is
+    certain. confidence / z: a settled sign is wrong with probability at most alpha = 1 -
+    confidence = 1 - Phi(z) (default z = 3), over all the sequential looks (module docstring).
+    min_trials: fresh trials before the first look. t_probs (num_steps,): importance proposal
+    over t (see ``calibrate_t_probs``). calibration: a ``calibrate`` result: its t_probs, and in
+    adaptive mode standard errors moderated toward its variance trend. antithetic: each trial is
+    eps and -eps at one t, the pair one draw (chunk_trials and n_trials even). record: a
+    StepRecord of the sampling run that produced x0 (cached trials: the estimate where no fresh
+    trial is drawn, and the test order of an expr; never a settled sign). pixel_map: also a
     per-pixel lift (K, B, H, W) for image layouts S = (C, H, W)."""
     if not isinstance(x0, torch.Tensor) or x0.dim() < 2:
         raise TypeError("x0 must be a tensor (B, *S)")
@@ -249,8 +374,9 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
         raise ValueError("x0 holds NaN or inf")
     if n_trials < 0 or chunk_trials < 1 or min_trials < 2:
         raise ValueError(f"need n_trials >= 0, chunk_trials >= 1, min_trials >= 2; got {n_trials}, {chunk_trials}, {min_trials}")
-    if antithetic and chunk_trials % 2:
-        raise ValueError(f"antithetic=True pairs eps with -eps: chunk_trials must be even, got {chunk_trials}")
+    if antithetic and (chunk_trials % 2 or n_trials % 2):
+        raise ValueError(f"antithetic=True pairs eps with -eps: chunk_trials and n_trials must be even, got "
+                         f"{chunk_trials} and {n_trials}")
     if pixel_map and x0.dim() != 4:
         raise ValueError(f"pixel_map=True needs an image layout x0 (B, C, H, W), got {tuple(x0.shape)}")
     T = schedule.num_steps
@@ -261,7 +387,10 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
         if t_probs.shape != (T,) or bool((t_probs < 0).any()) or float(t_probs.sum()) <= 0:
             raise ValueError(f"t_probs must be a non-negative (num_steps,) = ({T},) tensor with positive sum")
         t_probs = t_probs / t_probs.sum()
-    zz = _z_from(confidence, z)
+    alpha, _ = _alpha_from(confidence, z)
+    per_draw = 2 if antithetic else 1
+    looks = _looks(n_trials, chunk_trials, min_trials, adaptive, per_draw)
+    c = _boundary(looks, alpha) if looks else float("inf")
     B, S, dev = x0.shape[0], tuple(x0.shape[1:]), x0.device
     full = _stack(conds, null_cond, B, dev)
     K = full.shape[0] - 1
@@ -269,38 +398,44 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
         raise ValueError(f"expr uses {expr.num_components} components but {K} conditions were given")
     acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
     sums = _Sums(K, B, S[1:] if pixel_map else None, dev, acc)
-    n_evals = 0
-
+    cached = None
     if record is not None:
-        _add_cached(sums, record, x0, schedule, K, pixel_map, backend)
-
+        cached = _Sums(K, B, S[1:] if pixel_map else None, dev, acc)
+        _add_cached(cached, record, x0, schedule, K, pixel_map, backend)
+    n_evals = 0
     fresh = torch.zeros(K, B, device=dev)
-    z_t = torch.tensor(zz, dtype=acc, device=dev)
 
     def signs():
-        """(mean, stderr, surely > 0, surely <= 0), each (K, B)."""
-        mean = sums.mean
-        if calibration is None:
-            se, crit = sums.stderr, z_t
-        else:  # moderated: the pair's variance shrunk toward the calibrated trend
-            n, d0 = sums.n, calibration.prior_dof
-            s2 = (sums.stderr.square() * n).nan_to_num(0.0, posinf=0.0)
-            var = (d0 * calibration.prior_var(mean) + (n - 1).clamp_min(0) * s2) / (d0 + (n - 1).clamp_min(0))
-            se = (var / n.clamp_min(1)).sqrt()
-            crit = _t_quantile(z_t, d0 + n - 1)
-        enough = sums.n >= min_trials
-        return mean, se, enough & (mean - crit * se > 0), enough & (mean + crit * se <= 0)
+        """(mean, stderr, surely > 0, surely <= 0), each (K, B), from the fresh draws only."""
+        mean, n = sums.mean, sums.n
+        s2 = (sums.stderr.square() * n).nan_to_num(0.0, posinf=0.0)  # per-draw sample variance
+        if calibration is not None:
+            prior, d0 = calibration.prior_var(mean), calibration.prior_dof
+        else:  # the trend fitted across this batch's pairs (sample variance vs mean), when enough
+            seen = n >= 2
+            if int(seen.sum()) >= _SELF_MIN_PAIRS:
+                coef = _fit_trend(mean[seen], s2[seen]).to(mean.device, mean.dtype)
+                prior, d0 = (coef[0] + coef[1] * mean.square() + coef[2] * mean.abs()).clamp_min(1e-12), _SELF_DOF
+            else:
+                prior, d0 = torch.zeros_like(mean), 0.0
+        # moderated: the pair's variance shrunk toward the trend (d0 prior draws)
+        var = (d0 * prior + (n - 1).clamp_min(0) * s2) / (d0 + (n - 1).clamp_min(0)).clamp_min(1e-12)
+        se = torch.where(n >= 2, (var / n.clamp_min(1)).sqrt(), torch.full_like(n, float("inf")))
+        crit = _t_crit(c, d0 + n - 1) if looks else torch.full_like(mean, float("inf"))
+        look = (fresh >= min_trials) & (n >= 2)
+        return mean, se, look & (mean - crit * se > 0), look & (mean + crit * se <= 0)
 
     def status():
         """open (K, B): pairs that still need trials."""
         if not adaptive:
             return fresh < n_trials
         _, _, pos, neg = signs()
-        known = pos | neg
-        open_ = ~known & (fresh < n_trials)
+        open_ = ~(pos | neg) & (fresh < n_trials)
         if expr is not None:
             done, _ = expr.decide(pos, neg)
             open_ &= ~done[None, :]
+            if cached is not None:
+                open_ = _cached_first(expr, open_, pos, neg, cached.mean)
         return open_
 
     while True:
@@ -308,18 +443,13 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
         if not bool(open_.any()):
             break
         b_act = open_.any(0).nonzero().squeeze(1)  # (Ba,)
-        n = min(chunk_trials, int((n_trials - fresh[:, b_act][open_[:, b_act]]).max().item())) if not adaptive else chunk_trials
-        if antithetic and n % 2:
-            n += 1
+        n = chunk_trials if adaptive else min(chunk_trials, int((n_trials - fresh[:, b_act][open_[:, b_act]]).max().item()))
+        n += n % per_draw
         Ba = len(b_act)
-        t, w = _draw_t(t_probs, T, n, Ba, stratified, generator)  # (n, Ba)
-        if antithetic:
-            half = torch.randn(n // 2, Ba, *S, generator=generator, dtype=x0.dtype)
-            eps = torch.cat([half, -half])
-            t = torch.cat([t[: n // 2], t[: n // 2]])
-            w = torch.cat([w[: n // 2], w[: n // 2]])
-        else:
-            eps = torch.randn(n, Ba, *S, generator=generator, dtype=x0.dtype)
+        t, w = _draw_t(t_probs, T, n // per_draw, Ba, stratified, generator)  # (n / per_draw, Ba)
+        eps = torch.randn(n // per_draw, Ba, *S, generator=generator, dtype=x0.dtype)
+        if antithetic:  # trial j and j + n/2 share t, with eps and -eps
+            eps, t, w = torch.cat([eps, -eps]), torch.cat([t, t]), torch.cat([w, w])
         t, w, eps = t.to(dev), w.to(dev), eps.to(dev)
         xb = x0[b_act]
         x_t = schedule.add_noise(xb.unsqueeze(0).expand(n, *xb.shape).reshape(n * Ba, *S), eps.reshape(n * Ba, *S),
@@ -334,10 +464,11 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
                                 pixel_map=pixel_map, backend=backend)
             d = part.sum_wd.reshape(K, n, Ba)  # w * d per trial
             _check_finite(d)
+            draws = d.reshape(K, per_draw, n // per_draw, Ba).mean(1)  # (K, draws, Ba)
             kk = torch.arange(K, device=dev)[:, None].expand(K, Ba).reshape(-1)
             bb = b_act[None, :].expand(K, Ba).reshape(-1)
-            pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(K, n, Ba, *S[1:]).sum(1).reshape(K * Ba, *S[1:])
-            sums.add(kk, bb, float(n), d.sum(1).reshape(-1).to(acc), d.square().sum(1).reshape(-1).to(acc), pix)
+            pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(K, n, Ba, *S[1:]).sum(1).reshape(K * Ba, *S[1:]) / per_draw
+            sums.add(kk, bb, float(n // per_draw), draws.sum(1).reshape(-1).to(acc), draws.square().sum(1).reshape(-1).to(acc), pix)
             fresh[:, b_act] += n
             continue
         # Packed: the null row of each active sample plus only its open conditions.
@@ -358,17 +489,42 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
                             weights=w.reshape(-1)[pair_rows].unsqueeze(0), pixel_map=pixel_map, backend=backend)
         d = part.sum_wd.reshape(n, P)
         _check_finite(d)
-        pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(n, P, *S[1:]).sum(0)
-        sums.add(kp, b_act[bp], float(n), d.sum(0).to(acc), d.square().sum(0).to(acc), pix)
+        draws = d.reshape(per_draw, n // per_draw, P).mean(0)  # (draws, P)
+        pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(n, P, *S[1:]).sum(0) / per_draw
+        sums.add(kp, b_act[bp], float(n // per_draw), draws.sum(0).to(acc), draws.square().sum(0).to(acc), pix)
         fresh[kp, b_act[bp]] += n
 
     mean, se, pos, neg = signs()
+    has = sums.n > 0
     pix = None if sums.pix is None else sums.pix / sums.n.clamp_min(1)[..., None, None]
+    if cached is not None:
+        mean = torch.where(has, mean, cached.mean)
+        if pix is not None:
+            pix = torch.where(has[..., None, None], pix, cached.pix / cached.n.clamp_min(1)[..., None, None])
     accept = decided = None
     if expr is not None:
         accept = expr.accept(mean)
         decided, _ = expr.decide(pos, neg)
-    return LiftResult(mean, se, sums.n.clone(), n_evals, pix, accept, decided)
+    return LiftResult(mean, se, fresh.to(acc), n_evals, pix, accept, decided, pos | neg, alpha, c,
+                      None if cached is None else cached.mean, 0 if record is None else len(record))
+
+
+def _cached_first(expr: Any, open_: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                  cached_mean: torch.Tensor) -> torch.Tensor:
+    """open_ (K, B) narrowed, per sample, to one open component whose settling at its cached
+    sign would decide the expression (the largest cached |lift|); other samples unchanged."""
+    K, B = open_.shape
+    score = torch.full((K, B), -1.0, device=open_.device, dtype=cached_mean.dtype)
+    for k in range(K):
+        p, q = pos.clone(), neg.clone()
+        p[k] |= open_[k] & (cached_mean[k] > 0)
+        q[k] |= open_[k] & (cached_mean[k] <= 0)
+        done, _ = expr.decide(p, q)
+        score[k] = torch.where(done & open_[k], cached_mean[k].abs(), score[k])
+    pick = score.max(0)
+    narrowed = torch.zeros_like(open_)
+    narrowed[pick.indices, torch.arange(B, device=open_.device)] = True
+    return torch.where((pick.values >= 0)[None], narrowed, open_)
 
 
 def _check_finite(d: torch.Tensor) -> None:
