@@ -23,8 +23,15 @@ m_1 < ... < m_L fixed by n_trials, chunk_trials and min_trials; it settles the s
 |mean| > c_t * stderr, where c is the constant (Pocock) boundary for which a Gaussian random walk
 with mean 0 first leaves (-c sqrt(m), c sqrt(m)) on the wrong side, at one of those looks, with
 probability alpha (recursive numerical integration, ``_boundary``), and c_t converts c's per-look
-tail to Student-t at the standard error's degrees of freedom (n - 1; with a calibration, the
-moderated d0 + n - 1). A mean of 0 is the worst case, so the bound holds for every lift. An
+tail to Student-t at the standard error's degrees of freedom d0 + n - 1. The standard error is
+moderated (empirical Bayes, as limma-trend): the pair's sample variance is shrunk toward a
+variance-vs-lift trend worth d0 draws, the calibration's (d0 = its prior_dof) or, without one, a
+trend fitted across this batch's pairs (d0 = 4, once >= 8 pairs have two draws; else d0 = 0, the
+plain t). Trial values are skewed, so a pair's mean and sample variance are correlated; an
+unmoderated t-test settled wrong signs 3-4x more often than alpha on pairs near lift 0. Under the
+Gaussian model a mean of 0 is the worst case, so the bound holds for every lift; with the skewed
+trials of a real model it is met on average over decisions, and pairs whose lift is within a few
+hundredths of 0 can still exceed it on one side (benchmarks/bench_lift_sign_error.py). An
 expression is decided from settled signs only: it is wrong only if one of the signs it used is.
 
 Cached trials are not independent draws: the steps of one reverse trajectory are strongly
@@ -362,8 +369,9 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
     certain. confidence / z: a settled sign is wrong with probability at most alpha = 1 -
     confidence = 1 - Phi(z) (default z = 3), over all the sequential looks (module docstring).
     min_trials: fresh trials before the first look. t_probs (num_steps,): importance proposal
-    over t (see ``calibrate_t_probs``). calibration: a ``calibrate`` result: its t_probs, and in
-    adaptive mode standard errors moderated toward its variance trend. antithetic: each trial is
+    over t (see ``calibrate_t_probs``). calibration: a ``calibrate`` result: its t_probs, and
+    standard errors moderated toward its variance trend (without one: toward a trend fitted on
+    the batch). antithetic: each trial is
     eps and -eps at one t, the pair one draw (chunk_trials and n_trials even). record: a
     StepRecord of the sampling run that produced x0 (cached trials: the estimate where no fresh
     trial is drawn, and the test order of an expr; never a settled sign). pixel_map: also a
