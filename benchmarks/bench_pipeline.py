@@ -50,20 +50,18 @@ def _encode_one(pipe: CompositionPipeline, prompt: str) -> torch.Tensor:
 
 @torch.no_grad()
 def public_image(pipe, comp, seed: int, *, steps: int, guidance: float, n_trials: int, counter: list[int]):
-    """One image the public way. Returns (final latents (1, C, h, w), pixel lift (K, 1, h, w))."""
-    prompts = ["", *comp.components]
-    embs = [_encode_one(pipe, p) for p in prompts]  # Composable Diffusion: once per pipeline call
-    w = comp.weights(guidance)
+    """One image the public way: classifier-free guidance on the full prompt (the joint caption),
+    then every prompt at every trial, the full prompt's prediction as the target.
+    Returns (final latents (1, C, h, w), pixel lift (K, 1, h, w))."""
+    prompts = comp.condition_prompts()  # ["", *components, joint caption if it is a row of its own]
+    gen = [_encode_one(pipe, p) for p in ("", comp.joint)]
 
     def eps_fn(x, t):  # serial: one UNet call per prompt, batch size 1
         preds = []
-        for e in embs:
+        for e in gen:
             preds.append(pipe.unet(x.to(pipe.dtype), t, encoder_hidden_states=e).sample.float())
             counter[0] += 1
-        out = preds[0]
-        for k in range(comp.K):
-            out = out + w[k] * (preds[k + 1] - preds[0])
-        return out
+        return preds[0] + guidance * (preds[1] - preds[0])
 
     x0 = ddim_sample(eps_fn, pipe.initial_latents([seed]), pipe.schedule, num_steps=steps)
     S = tuple(x0.shape[1:])
@@ -76,9 +74,8 @@ def public_image(pipe, comp, seed: int, *, steps: int, guidance: float, n_trials
             e = _encode_one(pipe, p)  # re-encoded for every call
             scores[j, i] = pipe.unet(x_t.to(pipe.dtype), t, encoder_hidden_states=e).sample[0].float().cpu()
             counter[0] += 1
-    signs = torch.tensor(comp.signs)
-    target = scores[0] + (signs[:, None, None, None, None] * (scores[1:] - scores[:1])).sum(0)
-    lift = (target - scores[:1]).square() - (target - scores[1:]).square()  # (K, T, C, h, w)
+    target = scores[comp.joint_row]
+    lift = (target - scores[:1]).square() - (target - scores[1:comp.K + 1]).square()  # (K, T, C, h, w)
     return x0, lift.mean(dim=(1, 2))[:, None]
 
 
@@ -108,13 +105,13 @@ def cpu_section(args) -> dict:
     for name in ("fixed", "cached"):
         t0 = time.perf_counter()
         out = pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   record=name == "cached", output_type="latent")
-        emb = pipe.encode(["", *comp.components])
+                   record=name == "cached", output_type="latent", generate="joint", record_joint=True)
+        emb = pipe.encode(comp.condition_prompts())
         if name == "cached":
-            maps = LM.cached_lift_maps(out.record, torch.tensor(comp.signs))
+            maps = LM.cached_lift_maps(out.record, torch.tensor(comp.signs), joint_row=comp.joint_row)
         else:
             maps = LM.fixed_lift_maps(pipe, out.latents, emb, torch.tensor(comp.signs), n_trials=args.trials,
-                                      chunk_trials=args.chunk_trials)
+                                      chunk_trials=args.chunk_trials, joint_row=comp.joint_row)
         ok = LM.accept(comp, maps, **rule)
         wall = time.perf_counter() - t0
         res[name] = dict(rows=out.n_evals + maps.n_evals, wall_s=wall, accepted=int(ok.sum()),
@@ -224,7 +221,8 @@ def gpu_section(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", default="a black car AND NOT a dog")
+    p.add_argument("--prompt", default="a black car AND a white clock",
+                   help="an AND of components (the public code's full-prompt target exists only for AND)")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--trials", type=int, default=200)
