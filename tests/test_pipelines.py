@@ -70,7 +70,7 @@ def _reference_conditions(path: Path, sdxl: bool, comp) -> list[dict]:
     for c in ["", *comp.components]:  # the null row is "" encoded like any prompt (CompLift's public code), not zeroed
         pe, _, pp, _ = ref.encode_prompt(c, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
         out.append({"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pp, "time_ids": tid}})
-    assert float(out[0]["encoder_hidden_states"].abs().max()) > 0
+    assert float(out[0]["encoder_hidden_states"].detach().abs().max()) > 0
     return out
 
 
