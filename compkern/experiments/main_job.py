@@ -46,7 +46,7 @@ import torch
 
 from compkern.data import shapes
 from compkern.pipelines import lift_maps as LM
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
+from compkern.utils.checkpoint import atomic_save, atomic_write_json, check_run_folder, load
 
 SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
 METHODS = ("none", "public", "cached-joint", "cached-joint-every2", "cached-noise", "cached-composed", "fresh-32",
@@ -194,14 +194,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = {k: getattr(args, k) for k in _FROZEN if k != "world"}
     cfg["world"] = world.to_dict()
     cfg["model"] = str(model.resolve())
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), cfg.get(k)) for k in _FROZEN if old.get(k) != cfg.get(k)}
-        if diff:
-            raise ValueError(f"--out {out} holds a benchmark made with other settings {diff} (old, new); use a new folder")
-    atomic_write_json(cfg, path)
+    check_run_folder(out, cfg, _FROZEN, what="benchmark")
     pipe = CompositionPipeline.from_pretrained(model)
     detector = load_detector(world_dir)
     suites = args.suites.split(",") if args.suites else list(SUITES)

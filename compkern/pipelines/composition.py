@@ -18,7 +18,6 @@ compkern's DDIM (eta = 0) / DDPM (eta = 1) on that schedule.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field

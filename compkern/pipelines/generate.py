@@ -31,7 +31,7 @@ import torch
 
 from compkern.pipelines import lift_maps as LM
 from compkern.pipelines.composition import GENERATE_MODES
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
+from compkern.utils.checkpoint import atomic_save, atomic_write_json, check_run_folder, load
 
 # settings that change which images are accepted: a resumed run must match them
 _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift", "record_every",
@@ -161,15 +161,6 @@ def merge_manifest(out: str | os.PathLike, n: int | None = None, *, cache: dict 
     return manifest
 
 
-def _check_config(out: Path, cfg: dict) -> None:
-    path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), cfg.get(k)) for k in _FROZEN if old.get(k) != cfg.get(k)}
-        if diff:
-            raise ValueError(f"--out {out} holds a run with other settings {diff} (old, new); use a new folder")
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -202,12 +193,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.update(model=str(Path(args.model).resolve()), dtype=dtype, n=args.n, components=list(comp.components),
                    signs=list(comp.signs), world_size=dist.world)
         if dist.rank == 0:
-            _check_config(out, cfg)
+            check_run_folder(out, cfg, _FROZEN)
             (out / "shards").mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cfg, out / "config.json")
         dist.barrier()
         if dist.rank != 0:
-            _check_config(out, cfg)
+            check_run_folder(out, cfg, _FROZEN, write=False)
         pipe = CompositionPipeline.from_pretrained(args.model, dtype=dtype, device=device)
         done = _committed(out)
         dist.barrier()  # everyone has read the same committed set before anyone writes

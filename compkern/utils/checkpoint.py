@@ -37,3 +37,18 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def check_run_folder(out: str | os.PathLike, cfg: dict, keys: tuple[str, ...], *, what: str = "run",
+                     write: bool = True) -> None:
+    """Refuse a folder whose config.json differs from ``cfg`` in any of ``keys`` (ValueError naming
+    --out and the differences), then (``write``) record ``cfg`` there atomically: the check every
+    resumable job runs before it reuses a folder."""
+    path = Path(out) / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), cfg.get(k)) for k in keys if old.get(k) != cfg.get(k)}
+        if diff:
+            raise ValueError(f"--out {out} holds a {what} made with other settings {diff} (old, new); use a new folder")
+    if write:
+        atomic_write_json(cfg, path)
