@@ -10,6 +10,7 @@ import torch
 from compkern.data.clevr import (BACKGROUND, NULL, OBJECT, background_cond, detect_objects, null_cond, position_accuracy,
                                  position_cond, render_scenes, sample_positions, training_batch)
 from compkern.experiments import positions as P
+from compkern.lift.fixed_t import fixed_t_lift
 from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, build_position_model, position_map
 
 
@@ -153,20 +154,88 @@ def test_mala_needs_energy():
         P.compose_sample(PositionUNet(channels=(8, 16)), pos, method="mala", steps=2, size=8)
 
 
-def test_complift_fixed_and_adaptive():
+def test_complift_fixed_adaptive_public():
     model = _perturbed(PositionUNet(channels=(8, 16)))
     pos = sample_positions(3, 2, generator=torch.Generator().manual_seed(0))
     x = render_scenes(pos, size=8, generator=torch.Generator().manual_seed(0))
-    fixed = P.complift_accept(model, x, pos, adaptive=False, n_trials=4, generator=torch.Generator().manual_seed(0))
+    fixed = P.complift_accept(model, x, pos, mode="fixed", n_trials=4, generator=torch.Generator().manual_seed(0))
     assert fixed["accept"].shape == (3,) and fixed["accept"].dtype == torch.bool
     assert fixed["n_evals"] == 4 * 3 * 3  # trials x (null + 2 objects) x samples
-    ad = P.complift_accept(model, x, pos, adaptive=True, n_trials=8, generator=torch.Generator().manual_seed(0))
+    ad = P.complift_accept(model, x, pos, mode="adaptive", n_trials=8, generator=torch.Generator().manual_seed(0))
     assert ad["accept"].shape == (3,) and 0 < ad["n_evals"] <= 8 * 3 * 3
-    bg = P.complift_accept(model, x, pos, adaptive=False, n_trials=4, lift_base="background",
+    bg = P.complift_accept(model, x, pos, mode="fixed", n_trials=4, lift_base="background",
                            generator=torch.Generator().manual_seed(0))
     assert bg["n_evals"] == fixed["n_evals"]
+    pub = P.complift_accept(model, x, pos, mode="public", lift_t=[928], generator=torch.Generator().manual_seed(5))
+    assert pub["n_evals"] == 1 * 3 * 3
+    ref = fixed_t_lift(model, x, position_cond(pos).transpose(0, 1), null_cond(), P.schedule(), timesteps=[928],
+                       generator=torch.Generator().manual_seed(5))
+    assert torch.equal(pub["accept"], (ref.lift > 0).all(0))  # reject when any component's lift <= 0
     with pytest.raises(ValueError, match="lift_base"):
-        P.complift_accept(model, x, pos, adaptive=False, n_trials=4, lift_base="empty")
+        P.complift_accept(model, x, pos, mode="fixed", n_trials=4, lift_base="empty")
+    with pytest.raises(ValueError, match="mode"):
+        P.complift_accept(model, x, pos, mode="cached")
+
+
+# -- the public one-trial scorer -----------------------------------------------------------------------
+def _hand_lift(model, x0, conds, null, t, eps):
+    """sum_S (eps - eps(x_t, null))^2 - (eps - eps(x_t, c_k))^2 at one t with the given noise (K, B)."""
+    sch = P.schedule()
+    B = x0.shape[0]
+    ab = sch.alphas_cumprod[t].float()
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps.expand_as(x0)
+    tv = torch.full((B,), t, dtype=torch.long)
+    with torch.no_grad():
+        e0 = model(x_t, tv, null.expand(B, 3))
+        return torch.stack([((eps - e0) ** 2 - (eps - model(x_t, tv, c)) ** 2).flatten(1).sum(1) for c in conds])
+
+
+def test_fixed_t_lift_matches_hand_computation():
+    model = _perturbed(PositionUNet(channels=(8, 16)))
+    pos = sample_positions(4, 2, generator=torch.Generator().manual_seed(1))
+    x0 = render_scenes(pos, size=8, generator=torch.Generator().manual_seed(1))
+    conds = position_cond(pos).transpose(0, 1).contiguous()  # (K=2, B=4, 3)
+    eps = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(3))  # ONE noise for every sample and row
+    for ref in (null_cond(), background_cond()):
+        res = fixed_t_lift(model, x0, conds, ref, P.schedule(), generator=torch.Generator().manual_seed(3))
+        assert res.lift.shape == (2, 4) and res.n_evals == 3 * 4 and (res.n_trials == 1).all()
+        assert torch.isinf(res.stderr).all()
+        torch.testing.assert_close(res.lift, _hand_lift(model, x0, conds, ref, 928, eps), rtol=1e-4, atol=1e-4)
+    two = fixed_t_lift(model, x0, conds, null_cond(), P.schedule(), timesteps=[100, 928],
+                       generator=torch.Generator().manual_seed(3))  # the same noise at both trials
+    want = (_hand_lift(model, x0, conds, null_cond(), 100, eps) + _hand_lift(model, x0, conds, null_cond(), 928, eps)) / 2
+    torch.testing.assert_close(two.lift, want, rtol=1e-4, atol=1e-4)
+    assert two.n_evals == 2 * 3 * 4
+    # the noise does not depend on the batch: one sample alone scores as inside the batch
+    one = fixed_t_lift(model, x0[2:3], conds[:, 2:3], null_cond(), P.schedule(), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(one.lift[:, 0], _hand_lift(model, x0, conds, null_cond(), 928, eps)[:, 2], rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_t_lift_rejects_bad_input():
+    model = _perturbed(PositionUNet(channels=(8, 16)))
+    x0 = torch.zeros(2, 3, 8, 8)
+    conds = position_cond(torch.rand(1, 2, 2))
+    sch = P.schedule()
+    for bad in ([1000], [-1], [], 928, [928.0], [True]):
+        with pytest.raises(ValueError, match="timesteps"):
+            fixed_t_lift(model, x0, conds, null_cond(), sch, timesteps=bad)
+    with pytest.raises(ValueError, match="x0"):
+        fixed_t_lift(model, torch.zeros(2, 3, 8, 8, dtype=torch.long), conds, null_cond(), sch)
+    with pytest.raises(ValueError, match="x0"):
+        fixed_t_lift(model, torch.full((2, 3, 8, 8), float("nan")), conds, null_cond(), sch)
+    with pytest.raises(ValueError, match="conds"):
+        fixed_t_lift(model, x0, position_cond(torch.rand(1, 3, 2)), null_cond(), sch)  # B = 3 for 2 samples
+
+
+def test_format_table_standard_errors():
+    row = {"model": "eps", "method": "reverse", "base": "background", "objects": 5, "samples": 64, "accuracy": 56 / 64,
+           "evals_per_sample": 300.0,
+           "lift_public": {"t": [928], "accepted": 50, "accept_rate": 50 / 64, "accuracy": 0.9,
+                           "evals_per_accepted": 400.0}}
+    table = P.format_table({"eps:reverse:background:5": row})
+    assert "87.5 ± 4.1" in table  # sqrt(0.875 * 0.125 / 64) = 4.13%
+    assert "90.0 ± 4.2 (78% kept)" in table  # sqrt(0.9 * 0.1 / 50) = 4.24%
+    assert "public one-trial" in table
 
 
 def test_train_resume_and_eval_cli(tmp_path):
@@ -183,7 +252,7 @@ def test_train_resume_and_eval_cli(tmp_path):
     P.add_arguments(parser)
     argv = ["eval", "--eps-run", str(run), "--methods", "eps:reverse:background", "eps:ula:null", "--objects", "1", "2",
             "--n", "2", "--steps", "2", "--mcmc-steps", "1", "--lift-trials", "2", "--lift-max-trials", "4",
-            "--out", str(out), "--png", str(tmp_path / "grid.png")]
+            "--out", str(out), "--png", str(tmp_path / "grid.png"), "--no-progress"]
     assert P.run(parser.parse_args(argv)) == 0
     res = json.loads(out.read_text())
     assert set(res) == {"eps:reverse:background:1", "eps:reverse:background:2", "eps:ula:null:1", "eps:ula:null:2"}
@@ -195,6 +264,22 @@ def test_train_resume_and_eval_cli(tmp_path):
     stamp = out.read_text()
     assert P.run(parser.parse_args(argv)) == 0  # resumes: nothing recomputed
     assert out.read_text() == stamp
+    samples = tmp_path / "eval_samples" / "eps_reverse_background_2.pt"
+    x_before = P.load(samples)["x"]
+    assert P.run(parser.parse_args(argv + ["--lift", "fixed", "public", "--lift-t", "928"])) == 0  # adds a scorer
+    res2 = json.loads(out.read_text())
+    row2 = res2["eps:reverse:background:2"]
+    assert row2["lift_public"]["t"] == [928] and row2["lift_public"]["lift_evals_per_sample"] == 1 * 3
+    assert "lift_public_bg" in row2 and row2["lift_fixed"] == row["lift_fixed"]  # old variants kept as they were
+    assert row2["lift_public"]["rejected_correct"] + row2["lift_public"]["rejected_wrong"] + \
+        row2["lift_public"]["accepted"] == 2
+    assert torch.equal(P.load(samples)["x"], x_before) and row2["accuracy"] == row["accuracy"]  # not regenerated
+    other_steps = list(argv)
+    other_steps[other_steps.index("--steps") + 1] = "3"
+    with pytest.raises(ValueError, match="--out"):  # other generation settings into the same file
+        P.run(parser.parse_args(other_steps))
+    with pytest.raises(ValueError, match="--out"):  # another public t into the same file
+        P.run(parser.parse_args(argv + ["--lift", "public", "--lift-t", "500"]))
     assert "reverse diffusion" in P.format_table(res)
     assert P.run(parser.parse_args(["grid", str(out), "--png", str(tmp_path / "g2.png")])) == 0
     assert (tmp_path / "g2.png").stat().st_size > 0

@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from compkern.data.clevr import (background_cond, null_cond, position_accuracy, position_cond, sample_positions,
                                  training_batch)
+from compkern.lift.fixed_t import PUBLIC_CLEVR_T, fixed_t_lift
 from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, build_position_model
 from compkern.models.schedule import NoiseSchedule
 from compkern.train.loop import Trainer, warmup_cosine
-from compkern.utils.checkpoint import atomic_write_json, load
+from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,8 +82,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="cells as MODEL:METHOD:BASE, e.g. eps:reverse:null energy:hmc:background (default: all)")
     ev.add_argument("--objects", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ev.add_argument("--n", type=int, default=32, help="samples per cell")
+    ev.add_argument("--lift", nargs="+", choices=LIFT_MODES, default=["fixed", "adaptive"],
+                    help="CompLift scorers: fixed (--lift-trials uniform-t trials, compkern.lift.estimate_lift), "
+                         "adaptive (at most --lift-max-trials, stop once the AND is certain), public (the public "
+                         "CLEVR scorer: one trial per --lift-t with one noise shared by every sample and condition)")
     ev.add_argument("--lift-trials", type=int, default=32, help="CompLift fixed trials per sample")
     ev.add_argument("--lift-max-trials", type=int, default=64, help="CompLift adaptive: most trials per pair")
+    ev.add_argument("--lift-t", type=int, nargs="+", default=[PUBLIC_CLEVR_T],
+                    help="--lift public: the trials' timesteps (of 1000; the public code: 928)")
     ev.add_argument("--no-lift", action="store_true")
     ev.add_argument("--lift-bases", nargs="+", choices=["null", "background"], default=["null", "background"],
                     help="reference of the lift: null (CompLift's log p(x|y) - log p(x)) and/or background "
@@ -89,6 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--out", default="runs/positions/eval.json")
     ev.add_argument("--png", default=None, help="grid of samples per method (e.g. docs/positions.png)")
     ev.add_argument("--table", action="store_true", help="only print the table of an existing --out")
+    ev.add_argument("--chunk-size", type=int, default=128, help="most rows per model call")
+    ev.add_argument("--no-progress", action="store_true")
 
     gr = sub.add_parser("grid", help="one PNG with a row of samples per method from one or more eval outputs")
     gr.add_argument("evals", nargs="+", help="eval JSON files (their *_samples folders hold the images)")
@@ -181,11 +193,12 @@ def composition_conds(positions: torch.Tensor, base: str) -> torch.Tensor:
 
 def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", base: str = "background",
                    scale: float = 1.0, steps: int = 50, eta: float = 1.0, mcmc_steps: int = 2,
-                   step_size: float | None = None, leapfrog: int = 3, size: int = 24,
-                   generator: torch.Generator | None = None) -> dict:
+                   step_size: float | None = None, leapfrog: int = 3, size: int = 24, chunk_size: int | None = None,
+                   progress: bool = False, generator: torch.Generator | None = None) -> dict:
     """Sample B scenes, scene b with objects at positions[b] (B, n, 2), by composing the
     one-object model. Returns {"x": (B, 3, size, size), "n_evals": model rows, "accept": mean
-    Metropolis acceptance or None}. n = 0 samples the base condition alone."""
+    Metropolis acceptance or None, "step_sizes": the MCMC step per level (list) or None}. n = 0 samples the base condition alone. ``chunk_size`` caps the
+    rows per model call (on a CPU ~128 rows run faster per row than one large call)."""
     from compkern.samplers import ComposedEps, annealed_mcmc, ddim_sample
     from compkern.samplers.compositions import LinearComposition
 
@@ -197,35 +210,50 @@ def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", b
     x_T = torch.randn(B, 3, size, size, generator=generator)
     with torch.no_grad():
         if method == "reverse":
-            fn = ComposedEps(model, conds, torch.full((n,), float(scale)))
-            x = ddim_sample(fn, x_T, sch, num_steps=steps, eta=eta, generator=generator)
-            return {"x": x, "n_evals": fn.n_evals, "accept": None}
-        comp = LinearComposition(model, conds, [1.0 - n * scale] + [float(scale)] * n)
+            fn = ComposedEps(model, conds, torch.full((n,), float(scale)), chunk_size=chunk_size)
+            x = ddim_sample(fn, x_T, sch, num_steps=steps, eta=eta, generator=generator, progress=progress)
+            return {"x": x, "n_evals": fn.n_evals, "accept": None, "step_sizes": None}
+        comp = LinearComposition(model, conds, [1.0 - n * scale] + [float(scale)] * n, chunk_size=chunk_size)
         res = annealed_mcmc(comp, x_T, sch, kind=method, num_levels=steps, steps_per_level=mcmc_steps,
                             step_size=DEFAULT_STEP[method] if step_size is None else step_size,
-                            leapfrog_steps=leapfrog, generator=generator)
-        return {"x": res.x, "n_evals": res.n_evals, "accept": res.mean_accept}
+                            leapfrog_steps=leapfrog, generator=generator, progress=progress)
+        return {"x": res.x, "n_evals": res.n_evals, "accept": res.mean_accept,
+                "step_sizes": res.step_sizes.tolist()}
 
 
-def complift_accept(lift_model, x: torch.Tensor, positions: torch.Tensor, *, adaptive: bool, n_trials: int,
-                    lift_base: str = "null", generator: torch.Generator | None = None) -> dict:
-    """CompLift's rejection: keep a scene when the lift of every requested object is > 0, the lift
-    taken against ``lift_base``: "null" (CompLift: log p(x|y) - log p(x)) or "background"
-    (log p(x|y) - log p(x|empty scene)) (fixed: ``n_trials`` trials each; adaptive: stop per sample once the AND is
-    certain at z = 2, at most ``n_trials`` per object). Returns {"accept": (B,) bool, "n_evals"}."""
+LIFT_MODES = ("fixed", "adaptive", "public")
+
+
+def complift_accept(lift_model, x: torch.Tensor, positions: torch.Tensor, *, mode: str = "fixed", n_trials: int = 24,
+                    lift_t: Sequence[int] = (PUBLIC_CLEVR_T,), lift_base: str = "null", chunk_size: int | None = None,
+                    generator: torch.Generator | None = None) -> dict:
+    """CompLift's rejection of scenes x (B, 3, H, W) with objects requested at positions (B, n, 2):
+    keep a scene when the lift of every requested object is > 0, taken against ``lift_base``: "null"
+    (CompLift: log p(x|y) - log p(x)) or "background" (log p(x|y) - log p(x|empty scene)).
+    mode "fixed": ``n_trials`` uniform-t trials each (compkern.lift.estimate_lift); "adaptive": stop
+    per sample once the AND is certain at z = 2, at most ``n_trials`` per object; "public": the public
+    CLEVR scorer, one trial per entry of ``lift_t`` with one noise shared by every sample and
+    condition (compkern.lift.fixed_t). Returns {"accept": (B,) bool, "n_evals": model rows}."""
     from compkern.lift import estimate_lift, parse
 
+    if mode not in LIFT_MODES:
+        raise ValueError(f"mode must be one of {LIFT_MODES}, got {mode!r}")
+    if lift_base not in ("null", "background"):
+        raise ValueError(f"lift_base must be 'null' or 'background', got {lift_base!r}")
     n = positions.shape[1]
     if n == 0:
         return {"accept": torch.ones(x.shape[0], dtype=torch.bool), "n_evals": 0}
     conds = position_cond(positions).transpose(0, 1).contiguous()  # (n, B, 3)
     expr = parse(" AND ".join(f"o{i}" for i in range(n)))
-    if lift_base not in ("null", "background"):
-        raise ValueError(f"lift_base must be 'null' or 'background', got {lift_base!r}")
     ref = null_cond() if lift_base == "null" else background_cond()
-    res = estimate_lift(lift_model, x, conds, ref, schedule(), n_trials=n_trials, adaptive=adaptive,
-                        expr=expr if adaptive else None, z=2.0, min_trials=4, chunk_trials=4 if adaptive else 8,
-                        generator=generator)
+    if mode == "public":
+        res = fixed_t_lift(lift_model, x, conds, ref, schedule(), timesteps=list(lift_t), chunk_size=chunk_size,
+                           generator=generator)
+    else:
+        adaptive = mode == "adaptive"
+        res = estimate_lift(lift_model, x, conds, ref, schedule(), n_trials=n_trials, adaptive=adaptive,
+                            expr=expr if adaptive else None, z=2.0, min_trials=4, chunk_trials=4 if adaptive else 8,
+                            chunk_size=chunk_size, generator=generator)
     return {"accept": expr.accept(res.lift), "n_evals": int(res.n_evals)}
 
 
@@ -248,7 +276,29 @@ def _cell_positions(n_objects: int, N: int, seed: int) -> tuple[torch.Tensor, to
     return sample_positions(N, n_objects, generator=g), g
 
 
+GEN_KEYS = ("samples", "scale", "steps", "eta", "mcmc_steps", "step_size", "leapfrog")  # a cell's generation settings
+
+
+def _variant_key(mode: str, lift_base: str) -> str:
+    return f"lift_{mode}" if lift_base == "null" else f"lift_{mode}_bg"
+
+
+def _variant_config(mode: str, args) -> dict:
+    if mode == "public":
+        return {"t": list(args.lift_t)}
+    return {"trials": args.lift_trials if mode == "fixed" else args.lift_max_trials}
+
+
+def _check_same(stored: dict, wanted: dict, what: str, out: Path) -> None:
+    diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+    if diff:
+        raise ValueError(f"{out} holds {what} made with other settings (stored, requested): {diff}; "
+                         "pass another --out")
+
+
 def _eval(args) -> int:
+    """Resumable: a cell's samples are saved (atomically) before its lifts, the results JSON after
+    every step, so a rerun only computes the missing cells and lift variants."""
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     if args.table:
@@ -266,51 +316,81 @@ def _eval(args) -> int:
         raise ValueError(f"cells need the {sorted(missing)} model run(s): pass --eps-run / --energy-run")
     lift_path = args.lift_run or args.eps_run
     lift_model = None if args.no_lift or not lift_path else load_run(lift_path)[0]
+    variants = [] if lift_model is None else [(m, lb) for lb in args.lift_bases for m in args.lift]
     sample_dir = out.parent / (out.stem + "_samples")
-    for kind, method, base in cells:
-        for n in args.objects:
-            key = f"{kind}:{method}:{base}:{n}"
-            if key in results:
-                continue
-            positions, g = _cell_positions(n, args.n, args.seed)
+    jobs = [(c, n) for c in cells for n in args.objects]
+    bar = tqdm(jobs, desc="positions eval", disable=args.no_progress)
+    for (kind, method, base), n in bar:
+        key = f"{kind}:{method}:{base}:{n}"
+        bar.set_postfix_str(key)
+        gen = {"samples": args.n, "scale": args.scale, "steps": args.steps,
+               "eta": args.eta if method == "reverse" else None,
+               "mcmc_steps": None if method == "reverse" else args.mcmc_steps,
+               "step_size": None if method == "reverse" else (args.step_size or DEFAULT_STEP[method]),
+               "leapfrog": args.leapfrog if method == "hmc" else None}
+        sample_file = sample_dir / f"{key.replace(':', '_')}.pt"
+        positions, g = _cell_positions(n, args.n, args.seed)
+        row = results.get(key)
+        if row is not None:
+            _check_same(row, gen, f"cell {key}", out)
+        if row is None or not sample_file.exists():
             t0 = time.time()
             r = compose_sample(models[kind], positions, method=method, base=base, scale=args.scale, steps=args.steps,
                                eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size,
-                               leapfrog=args.leapfrog, size=size, generator=g)
+                               leapfrog=args.leapfrog, size=size, chunk_size=args.chunk_size,
+                               progress=not args.no_progress, generator=g)
             correct = position_accuracy(r["x"], positions, threshold=args.threshold)
-            row = {"model": kind, "method": method, "base": base, "objects": n, "samples": args.n,
+            atomic_save({"x": r["x"].clone(), "positions": positions.clone(), "correct": correct.clone()}, sample_file)
+            row = {"model": kind, "method": method, "base": base, "objects": n, **gen,
                    "accuracy": float(correct.float().mean()), "evals_per_sample": r["n_evals"] / args.n,
-                   "mh_accept": r["accept"], "seconds": round(time.time() - t0, 1), "scale": args.scale,
-                   "steps": args.steps, "mcmc_steps": args.mcmc_steps,
-                   "step_size": None if method == "reverse" else (args.step_size or DEFAULT_STEP[method])}
-            if lift_model is not None:
-                for lift_base, (mode, adaptive, trials) in ((lb, m) for lb in args.lift_bases for m in (
-                        ("fixed", False, args.lift_trials), ("adaptive", True, args.lift_max_trials))):
-                    lr = complift_accept(lift_model, r["x"], positions, adaptive=adaptive, n_trials=trials,
-                                         lift_base=lift_base, generator=torch.Generator().manual_seed(args.seed + 7))
-                    mode = mode if lift_base == "null" else f"{mode}_bg"
-                    acc = lr["accept"]
-                    k = int(acc.sum())
-                    row[f"lift_{mode}"] = {
-                        "trials": trials, "accepted": k, "accept_rate": k / args.n,
-                        "accuracy": float(correct[acc].float().mean()) if k else None,
-                        "lift_evals_per_sample": lr["n_evals"] / args.n,
-                        "evals_per_accepted": (r["n_evals"] + lr["n_evals"]) / k if k else None}
-            row["seconds_total"] = round(time.time() - t0, 1)
+                   "mh_accept": r["accept"], "mcmc_step_sizes": r["step_sizes"], "seconds": round(time.time() - t0, 1)}
             results[key] = row
             atomic_write_json(results, out)
-            sample_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"x": r["x"].clone(), "positions": positions.clone(), "correct": correct.clone()},
-                       sample_dir / f"{key.replace(':', '_')}.pt")
-            print(f"{key}: acc {row['accuracy']:.3f} ({row['seconds_total']:.0f} s)", flush=True)
+            tqdm.write(f"{key}: acc {row['accuracy']:.3f} ({row['seconds']:.0f} s)")
+        saved = load(sample_file)
+        if not torch.equal(saved["positions"], positions):
+            raise ValueError(f"{sample_file} was made for other positions (--seed / --n differ); pass another --out")
+        x, correct = saved["x"], saved["correct"]
+        for mode, lift_base in variants:
+            vkey = _variant_key(mode, lift_base)
+            vcfg = _variant_config(mode, args)
+            if vkey in row:
+                _check_same(row[vkey], vcfg, f"{key} {vkey}", out)
+                continue
+            t0 = time.time()
+            lr = complift_accept(lift_model, x, positions, mode=mode, n_trials=vcfg.get("trials", 0),
+                                 lift_t=args.lift_t, lift_base=lift_base, chunk_size=args.chunk_size,
+                                 generator=torch.Generator().manual_seed(args.seed + 7))
+            acc = lr["accept"]
+            k = int(acc.sum())
+            row[vkey] = {**vcfg, "accepted": k, "accept_rate": k / args.n,
+                         "accuracy": float(correct[acc].float().mean()) if k else None,
+                         "rejected_correct": int((correct & ~acc).sum()), "rejected_wrong": int((~correct & ~acc).sum()),
+                         "lift_evals_per_sample": lr["n_evals"] / args.n,
+                         "evals_per_accepted": (row["evals_per_sample"] * args.n + lr["n_evals"]) / k if k else None,
+                         "seconds": round(time.time() - t0, 1)}
+            atomic_write_json(results, out)
     print(format_table(results))
     if args.png:
         save_grid(load_grid_rows(sample_dir, [f"{k}:{m}:{b}" for k, m, b in cells], args.objects), args.png)
     return 0
 
 
+VARIANTS = {"plain": "-", "lift_fixed": "+ CompLift fixed", "lift_adaptive": "+ CompLift adaptive",
+            "lift_public": "+ CompLift public one-trial", "lift_fixed_bg": "+ CompLift fixed, lift vs background",
+            "lift_adaptive_bg": "+ CompLift adaptive, lift vs background",
+            "lift_public_bg": "+ CompLift public one-trial, lift vs background"}
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error sqrt(p (1 - p) / n) of a proportion p over n samples."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
 def format_table(results: dict) -> str:
-    """Markdown table: one row per (model, method, base) and variant, one column per object count."""
+    """Markdown table: one row per (model, method, base) and variant, one column per object count;
+    cells "accuracy +- binomial standard error" in %, lift variants over the kept samples with the
+    share kept."""
     cells = sorted({(r["model"], r["method"], r["base"]) for r in results.values()},
                    key=lambda c: (c[0] != "eps", list(METHODS).index(c[1]), c[2]))
     ns = sorted({r["objects"] for r in results.values()})
@@ -318,25 +398,25 @@ def format_table(results: dict) -> str:
     lines = [head, "|" + "---|" * (5 + len(ns))]
     for c in cells:
         rows = {r["objects"]: r for r in results.values() if (r["model"], r["method"], r["base"]) == c}
-        for variant in ("plain", "lift_fixed", "lift_adaptive", "lift_fixed_bg", "lift_adaptive_bg"):
+        for variant, name in VARIANTS.items():
             vals, ev = [], ""
             for n in ns:
                 r = rows.get(n)
                 if r is None or (variant != "plain" and variant not in r):
                     vals.append("-")
                     continue
+                N = r.get("samples", 0)
                 if variant == "plain":
-                    vals.append(f"{100 * r['accuracy']:.1f}")
+                    vals.append(f"{100 * r['accuracy']:.1f} ± {100 * binomial_se(r['accuracy'], N):.1f}")
                     ev = f"{r['evals_per_sample']:.0f}"
                 else:
                     v = r[variant]
-                    vals.append("none kept" if v["accuracy"] is None else f"{100 * v['accuracy']:.1f} ({100 * v['accept_rate']:.0f}% kept)")
+                    vals.append("none kept" if v["accuracy"] is None else
+                                f"{100 * v['accuracy']:.1f} ± {100 * binomial_se(v['accuracy'], v['accepted']):.1f} "
+                                f"({100 * v['accept_rate']:.0f}% kept)")
                     ev = "-" if v["evals_per_accepted"] is None else f"{v['evals_per_accepted']:.0f}"
             if all(v == "-" for v in vals):
                 continue
-            name = {"plain": "-", "lift_fixed": "+ CompLift fixed", "lift_adaptive": "+ CompLift adaptive",
-                    "lift_fixed_bg": "+ CompLift fixed, lift vs background",
-                    "lift_adaptive_bg": "+ CompLift adaptive, lift vs background"}[variant]
             lines.append(f"| {c[0]} | {METHODS[c[1]]} | {c[2]} | {name} | " + " | ".join(vals) + f" | {ev} |")
     return "\n".join(lines)
 
