@@ -12,8 +12,11 @@ unconditional null (Composable Diffusion) or the empty background (projective co
 Bradley et al. 2025). Samplers: reverse diffusion (DDIM / DDPM), annealed ULA / MALA / HMC (energy
 model), each optionally followed by CompLift rejection (lift of every y_i > 0, against the null as in
 CompLift, or against the empty background).
-Accuracy: the training-free detector of compkern.data.clevr. Training and evaluation resume
-(eval writes one JSON entry per cell as it finishes).
+CompLift scorers (--lift): compkern's estimator with fixed or adaptive uniform-t trials, and the
+public CLEVR scorer (one trial at t = 928 with one noise shared by every sample and condition).
+Accuracy: the training-free detector of compkern.data.clevr. Training and evaluation resume: eval
+saves a cell's samples before scoring them and writes the results JSON after every cell and lift
+variant, so a rerun adds only the missing cells and scorers.
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     samp.add_argument("--mcmc-steps", type=int, default=2, help="MCMC steps per level")
     samp.add_argument("--step-size", type=float, default=None, help="MCMC step size (default per kind)")
     samp.add_argument("--leapfrog", type=int, default=3)
+    samp.add_argument("--clip-x0", type=float, default=None,
+                      help="clamp the predicted x0 to [-v, v] at every step (the public code clips at 1; default off)")
 
     sa = sub.add_parser("sample", parents=[common, samp], help="compose n objects at random positions, save a PNG")
     sa.add_argument("run")
@@ -193,8 +198,9 @@ def composition_conds(positions: torch.Tensor, base: str) -> torch.Tensor:
 
 def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", base: str = "background",
                    scale: float = 1.0, steps: int = 50, eta: float = 1.0, mcmc_steps: int = 2,
-                   step_size: float | None = None, leapfrog: int = 3, size: int = 24, chunk_size: int | None = None,
-                   progress: bool = False, generator: torch.Generator | None = None) -> dict:
+                   step_size: float | None = None, leapfrog: int = 3, size: int = 24, clip_x0: float | None = None,
+                   chunk_size: int | None = None, progress: bool = False,
+                   generator: torch.Generator | None = None) -> dict:
     """Sample B scenes, scene b with objects at positions[b] (B, n, 2), by composing the
     one-object model. Returns {"x": (B, 3, size, size), "n_evals": model rows, "accept": mean
     Metropolis acceptance or None, "step_sizes": the MCMC step per level (list) or None}. n = 0 samples the base condition alone. ``chunk_size`` caps the
@@ -211,12 +217,13 @@ def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", b
     with torch.no_grad():
         if method == "reverse":
             fn = ComposedEps(model, conds, torch.full((n,), float(scale)), chunk_size=chunk_size)
-            x = ddim_sample(fn, x_T, sch, num_steps=steps, eta=eta, generator=generator, progress=progress)
+            x = ddim_sample(fn, x_T, sch, num_steps=steps, eta=eta, clip_x0=clip_x0, generator=generator,
+                            progress=progress)
             return {"x": x, "n_evals": fn.n_evals, "accept": None, "step_sizes": None}
         comp = LinearComposition(model, conds, [1.0 - n * scale] + [float(scale)] * n, chunk_size=chunk_size)
         res = annealed_mcmc(comp, x_T, sch, kind=method, num_levels=steps, steps_per_level=mcmc_steps,
                             step_size=DEFAULT_STEP[method] if step_size is None else step_size,
-                            leapfrog_steps=leapfrog, generator=generator, progress=progress)
+                            leapfrog_steps=leapfrog, clip_x0=clip_x0, generator=generator, progress=progress)
         return {"x": res.x, "n_evals": res.n_evals, "accept": res.mean_accept,
                 "step_sizes": res.step_sizes.tolist()}
 
@@ -276,9 +283,6 @@ def _cell_positions(n_objects: int, N: int, seed: int) -> tuple[torch.Tensor, to
     return sample_positions(N, n_objects, generator=g), g
 
 
-GEN_KEYS = ("samples", "scale", "steps", "eta", "mcmc_steps", "step_size", "leapfrog")  # a cell's generation settings
-
-
 def _variant_key(mode: str, lift_base: str) -> str:
     return f"lift_{mode}" if lift_base == "null" else f"lift_{mode}_bg"
 
@@ -327,7 +331,7 @@ def _eval(args) -> int:
                "eta": args.eta if method == "reverse" else None,
                "mcmc_steps": None if method == "reverse" else args.mcmc_steps,
                "step_size": None if method == "reverse" else (args.step_size or DEFAULT_STEP[method]),
-               "leapfrog": args.leapfrog if method == "hmc" else None}
+               "leapfrog": args.leapfrog if method == "hmc" else None, "clip_x0": args.clip_x0}
         sample_file = sample_dir / f"{key.replace(':', '_')}.pt"
         positions, g = _cell_positions(n, args.n, args.seed)
         row = results.get(key)
@@ -337,7 +341,7 @@ def _eval(args) -> int:
             t0 = time.time()
             r = compose_sample(models[kind], positions, method=method, base=base, scale=args.scale, steps=args.steps,
                                eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size,
-                               leapfrog=args.leapfrog, size=size, chunk_size=args.chunk_size,
+                               leapfrog=args.leapfrog, size=size, clip_x0=args.clip_x0, chunk_size=args.chunk_size,
                                progress=not args.no_progress, generator=g)
             correct = position_accuracy(r["x"], positions, threshold=args.threshold)
             atomic_save({"x": r["x"].clone(), "positions": positions.clone(), "correct": correct.clone()}, sample_file)
@@ -489,7 +493,7 @@ def _sample(args) -> int:
     positions = sample_positions(args.n, args.objects, generator=g)
     r = compose_sample(model, positions, method=args.method, base=args.base, scale=args.scale, steps=args.steps,
                        eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size, leapfrog=args.leapfrog,
-                       size=cfg["size"], generator=g)
+                       size=cfg["size"], clip_x0=args.clip_x0, generator=g)
     correct = position_accuracy(r["x"], positions)
     save_grid([(f"{args.method}:{args.base}", {args.objects: {"x": r["x"], "positions": positions, "correct": correct}})],
               args.png, per_cell=args.n)
