@@ -287,3 +287,17 @@ def test_train_resume_and_eval_cli(tmp_path):
         P._parse_cell("eps:foo:null")
     with pytest.raises(ValueError, match="energies"):
         P._parse_cell("eps:hmc:null")
+
+
+def test_heldout_loss_fixed_and_exact_for_zero_output(tmp_path, capsys):
+    m = PositionUNet(channels=(8, 16))  # zero-initialized output conv: eps = 0, loss = mean |noise|^2
+    a = P.heldout_loss(m, size=8)
+    assert a == P.heldout_loss(m, size=8)  # fixed scenes, t and noise
+    assert abs(a - 3 * 8 * 8) < 0.05 * 3 * 8 * 8  # E|noise|^2 = 192 (chi-square, sd of the mean over 256: 1.2)
+    assert P.heldout_loss(_perturbed(PositionUNet(channels=(8, 16))), size=8) != a
+    parser = argparse.ArgumentParser()
+    P.add_arguments(parser)
+    argv = ["train", "--out", str(tmp_path / "r"), "--steps", "2", "--batch", "4", "--size", "8", "--channels", "8", "16",
+            "--no-progress"]
+    assert P.run(parser.parse_args(argv)) == 0
+    assert "held-out loss" in capsys.readouterr().out

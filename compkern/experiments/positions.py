@@ -157,6 +157,24 @@ def train_position_model(model: torch.nn.Module, out_dir: str | Path, *, size: i
     return history
 
 
+def heldout_loss(model: torch.nn.Module, *, size: int = 24, n: int = 256, seed: int = 12345,
+                 chunk_size: int = 128) -> float:
+    """The training loss mean |eps - model(x_t, t, c)|^2 (summed over pixels) on n fixed scenes with
+    fixed t and noise (``seed``), the same for every model: losses of runs compare directly."""
+    g = torch.Generator().manual_seed(seed)
+    x0, c = training_batch(n, size=size, p_empty=0.15, generator=g)
+    sch = schedule()
+    t = torch.randint(0, sch.num_steps, (n,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = sch.add_noise(x0, noise, t)
+    total = 0.0
+    for s in range(0, n, chunk_size):
+        with torch.no_grad():
+            eps = model(x_t[s:s + chunk_size], t[s:s + chunk_size], c[s:s + chunk_size])
+        total += float((eps.detach() - noise[s:s + chunk_size]).pow(2).flatten(1).sum(1).sum())
+    return total / n
+
+
 def load_run(run: str | Path) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, config) from a training folder."""
     run = Path(run)
@@ -174,7 +192,9 @@ def _train(args) -> int:
     hist = train_position_model(model, args.out, size=args.size, steps=args.steps, batch_size=args.batch, lr=args.lr,
                                 p_empty=args.p_empty, p_uncond=args.p_uncond, seed=args.seed,
                                 save_every=args.save_every, progress=not args.no_progress)
-    print(f"trained {args.out}: step {args.steps}, last loss {hist[-1]['loss']:.4g} ({time.time() - t0:.0f} s this run)")
+    last = [h["loss"] for h in hist[-10:]]
+    print(f"trained {args.out}: step {args.steps}, mean of the last {len(last)} logged losses {sum(last) / len(last):.4g}, "
+          f"held-out loss {heldout_loss(model, size=args.size):.4g} ({time.time() - t0:.0f} s this run)")
     return 0
 
 
