@@ -223,8 +223,9 @@ def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", b
                    generator: torch.Generator | None = None) -> dict:
     """Sample B scenes, scene b with objects at positions[b] (B, n, 2), by composing the
     one-object model. Returns {"x": (B, 3, size, size), "n_evals": model rows, "accept": mean
-    Metropolis acceptance or None, "step_sizes": the MCMC step per level (list) or None}. n = 0 samples the base condition alone. ``chunk_size`` caps the
-    rows per model call (on a CPU ~128 rows run faster per row than one large call)."""
+    Metropolis acceptance or None, "step_sizes": the MCMC step per level (list) or None}. n = 0
+    samples the base condition alone. ``chunk_size`` caps the rows per model call (on a CPU ~128
+    rows run faster per row than one large call); ``clip_x0`` clamps the predicted x0."""
     from compkern.samplers import ComposedEps, annealed_mcmc, ddim_sample
     from compkern.samplers.compositions import LinearComposition
 
