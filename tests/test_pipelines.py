@@ -284,7 +284,7 @@ def test_object_rule_counts_pixels_against_the_threshold():
     # the default is a share of the image, so a 16 x 16 latent can hold an object
     from compkern.pipelines.lift_maps import DEFAULT_MIN_PIXELS
     small = LiftMaps(torch.zeros(2, 1, 16, 16), 1, 0)
-    assert small.min_count(DEFAULT_MIN_PIXELS) == 5 and LiftMaps(torch.zeros(1, 1, 128, 128), 1, 0).min_count(DEFAULT_MIN_PIXELS) == 300
+    assert small.min_count(DEFAULT_MIN_PIXELS) == 24 and LiftMaps(torch.zeros(1, 1, 128, 128), 1, 0).min_count(DEFAULT_MIN_PIXELS) == 1536
 
 
 def test_not_can_fail_on_a_record_with_both_objects_drawn():

@@ -67,8 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target of cached / public trials: the joint caption's prediction (recorded as one more "
                         "condition row), the noise (recovered from x_t and the final latents), or the composed "
                         "prediction (comparison only: NOT can never fail)")
-    p.add_argument("--record-every", type=int, default=1,
-                   help="cached: keep every k-th sampling step as a trial (the component rows are evaluated only there)")
+    p.add_argument("--record-every", type=int, default=2,
+                   help="cached: keep every k-th sampling step as a trial (the component rows are evaluated only "
+                        "there; 2, the default, scored as well as every step in `compkern main-job` for fewer rows)")
     p.add_argument("--threshold", type=float, default=LM.DEFAULT_THRESHOLD, help="pixel lift threshold")
     p.add_argument("--min-pixels", type=float, default=LM.DEFAULT_MIN_PIXELS,
                    help="latent pixels above threshold for a component to count as present (below 1: a fraction)")
