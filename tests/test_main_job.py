@@ -56,6 +56,12 @@ def test_runs_resumes_and_refuses_other_settings(world, tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "main-job", "report", "--out", str(out)]) == 0
     assert "| not | public |" in capsys.readouterr().out
+    # a replication: another folder's rules, every seed of this one
+    assert main(["main-job", "report", "--out", str(out), "--rules-from", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["rules"] == res["rules"] and {r["n"] for r in again["rows"]} == {2}  # both seeds counted
+    with pytest.raises(ValueError, match="--rules-from"):
+        main(["main-job", "report", "--out", str(out), "--rules-from", str(tmp_path / "nowhere")])
     with pytest.raises(ValueError, match="other settings"):
         main([*args[:-2], "--suites", "not", "--n", "3"])
 

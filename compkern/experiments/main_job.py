@@ -170,7 +170,7 @@ def _cells(world: shapes.ShapesWorld, n_prompts: int) -> list[tuple[str, int, st
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "report":
-        print(report(Path(args.out)))
+        print(report(Path(args.out), rules_from=Path(args.rules_from) if args.rules_from else None))
         return 0
     from tqdm.auto import tqdm
 
@@ -260,15 +260,23 @@ def calibrate_rule(cells: list[dict], method: str) -> tuple[float, float]:
     return arg
 
 
-def report(out: Path) -> str:
-    """Aggregate every cell of a benchmark folder: table.md, results.json and grid.png; returns the table."""
+def report(out: Path, rules_from: Path | None = None) -> str:
+    """Aggregate every cell of a benchmark folder: table.md, results.json and grid.png; returns the table.
+    rules_from: another benchmark folder whose calibrated rules are applied unchanged, every seed
+    of this one evaluated (a replication on candidates no rule was chosen on)."""
     files = sorted((out / "cells").glob("*.pt"))
     if not files:
         raise ValueError(f"--out {out} holds no cells yet: run `compkern main-job run` first")
     cells = [load(f) for f in files]
     default = (LM.DEFAULT_THRESHOLD, LM.DEFAULT_MIN_PIXELS)
     present = {m for c in cells for m in c["maps"]}
-    rules = {m: calibrate_rule(cells, m) for m in PIXEL_METHODS if m in present}
+    if rules_from is None:
+        rules = {m: calibrate_rule(cells, m) for m in PIXEL_METHODS if m in present}
+    else:
+        path = rules_from / "results.json"
+        if not path.exists():
+            raise ValueError(f"--rules-from {rules_from}: no results.json (run its report first)")
+        rules = {m: tuple(r) for m, r in json.loads(path.read_text())["rules"].items() if m in present}
     rows = []
     variants = [("none", None, "-")] + [(m, default, "default") for m in METHODS if m in PIXEL_METHODS] + \
         [(m, rules[m], "calibrated") for m in METHODS if m in rules] + [("fresh-adaptive", None, "mean sign")]
@@ -281,7 +289,8 @@ def report(out: Path) -> str:
             for c in sc:
                 if method in PIXEL_METHODS and method not in c["maps"]:
                     continue  # e.g. no joint caption for an OR
-                m = _split(c, "eval")  # every row on the odd seeds: the rules were chosen on the even ones
+                # the odd seeds only when the rules were chosen on this folder's even ones
+                m = _split(c, "eval") if rules_from is None else torch.ones(len(c["seeds"]), dtype=torch.bool)
                 dec = _decide(c, method, rule)
                 pairs.append((dec[m], c["satisfied"][m]))
                 if "reference" in c["maps"] and method != "reference":
@@ -370,6 +379,8 @@ def grid(cells: list[dict], rule: tuple[float, float], path: Path, method: str =
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", default="run", choices=["run", "report"])
+    p.add_argument("--rules-from", default=None, help="report: apply the calibrated rules of another benchmark "
+                   "folder and evaluate every seed of this one")
     p.add_argument("--world", default="runs/world", help="a `compkern sepen train` folder trained with --extra-fraction")
     p.add_argument("--out", default="runs/main_job", help="benchmark folder (resumable: one shard per cell)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per suite")
