@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from compkern.lift import calibrate, estimate_lift
-from compkern.lift.exact import GaussianClassesEps
+from compkern.lift.exact import GaussianClassesEps, cached_true_lift
 from compkern.models import NoiseSchedule
 from compkern.samplers import ComposedEps, ddpm_sample
 
@@ -51,12 +51,7 @@ def main() -> None:
     record = eps_fn.record
     t0 = time.time()
     cache = Path(args.cache) / f"lift_truth_B{B}_seed{args.seed}_nodes{args.nodes}_spread{args.spread}.pt"
-    if cache.exists() and torch.equal(torch.load(cache)["x0"], x0):
-        truth = torch.load(cache)["truth"]
-    else:
-        truth = model.true_lift(x0, nodes=args.nodes).float()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"x0": x0, "truth": truth}, cache)
+    truth = cached_true_lift(model, x0, cache, nodes=args.nodes).float()
     ratio = model.log_density_ratio(x0).float()
     print(f"truth by quadrature: {time.time() - t0:.0f}s; sign(estimand) == sign(density ratio) on "
           f"{((truth > 0) == (ratio > 0)).float().mean():.2%} of decisions")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from compkern.lift import calibrate, estimate_lift
-from compkern.lift.exact import GaussianClassesEps
+from compkern.lift.exact import GaussianClassesEps, cached_true_lift
 from compkern.models import NoiseSchedule
 from compkern.samplers import ComposedEps, ddim_sample
 
@@ -66,12 +66,7 @@ def main() -> None:
     record = eps_fn.record
     t0 = time.time()
     cache = Path(args.cache) / f"sign_truth_B{B}_seed{args.seed}_nodes{args.nodes}_spread{args.spread}.pt"
-    if cache.exists() and torch.equal(torch.load(cache)["x0"], x0):
-        truth = torch.load(cache)["truth"]
-    else:
-        truth = model.true_lift(x0, nodes=args.nodes)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"x0": x0, "truth": truth}, cache)
+    truth = cached_true_lift(model, x0, cache, nodes=args.nodes)
     hard = truth.abs() < args.hard
     print(f"truth by quadrature: {time.time() - t0:.0f}s; {K * B} decisions per rep, {int(hard.sum())} hard "
           f"(|lift| < {args.hard})")

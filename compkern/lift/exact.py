@@ -115,3 +115,19 @@ class GaussianClassesEps(torch.nn.Module):
     def true_lift(self, x0: torch.Tensor, *, nodes: int = 16) -> torch.Tensor:
         """(K, B): the exact estimand E_{t ~ U[0, T), eps}[d] of every CompLift estimator."""
         return self.lift_profile(x0, nodes=nodes)[0].mean(0)
+
+
+def cached_true_lift(model: GaussianClassesEps, x0: torch.Tensor, path, *, nodes: int = 10) -> torch.Tensor:
+    """model.true_lift(x0, nodes=nodes) (K, B), kept in the torch file ``path`` and reused while the
+    file holds the same x0 (the quadrature costs minutes for a few thousand samples)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists():
+        saved = torch.load(path)
+        if torch.equal(saved["x0"], x0):
+            return saved["truth"]
+    truth = model.true_lift(x0, nodes=nodes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x0": x0, "truth": truth}, path)
+    return truth
