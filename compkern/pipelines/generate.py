@@ -6,8 +6,10 @@ into a resumable output folder, on one process or under ``torchrun --nproc-per-n
 
 Work is cut into batches of ``--batch-size`` images; image i has seed ``--seed + i`` and batch j
 holds images [j * batch_size, (j + 1) * batch_size). Each batch is generated (one batched UNet
-call per step for all K+1 conditions), scored (CompLift lift maps, cached from the sampling run by
-default) and accepted or rejected, then committed as one atomic shard ``shards/batch-JJJJJJ.pt``
+call per step for all condition rows: by default guidance on the joint caption, the other terms
+composed), scored (by default CompLift lift maps cached from every other sampling step against the
+joint caption's prediction, the pixel rule at threshold 0 and 3/32 of the latent: the settings
+`compkern main-job` measured best) and accepted or rejected, then committed as one atomic shard ``shards/batch-JJJJJJ.pt``
 (accepted images and their lift-map overlays are written first). A rerun with the same settings
 skips committed batches, so an interrupted run resumes where it stopped.
 
