@@ -101,3 +101,25 @@ def test_bad_lift_shape_and_type():
         e.accept(torch.tensor([[float("nan")], [1.0]]))
     with pytest.raises(TypeError):
         parse(None)
+
+
+def test_required_components_are_what_every_satisfying_assignment_needs():
+    """Expr.required (the joint caption's terms) against brute force over all sign patterns: exact
+    on these forms, and never more than brute force (it is conservative where a requirement only
+    follows from combining branches, as in the last one)."""
+    import itertools
+
+    import torch
+
+    from compkern.lift import parse
+
+    for src in ["A AND (B OR C) AND NOT D", "(A AND B) OR (A AND C)", "A OR B", "NOT A", "A AND B AND NOT C",
+                "(A OR B) AND (A OR NOT B)"]:
+        e = parse(src)
+        K = e.num_components
+        pats = torch.tensor(list(itertools.product([1.0, -1.0], repeat=K))).T  # (K, 2^K)
+        sat = pats[:, e.accept(pats)]
+        brute = [k for k in range(K) if sat.shape[1] and bool((sat[k] > 0).all())]
+        assert set(e.required()) <= set(brute), src
+        if src != "(A OR B) AND (A OR NOT B)":
+            assert e.required() == brute, src

@@ -375,24 +375,22 @@ class CompositionPipeline:
         seeds = [int(s) for s in seeds]
         if not seeds and latents is None:
             raise ValueError("seeds must hold at least one seed (one image per seed)")
-        gens = self.generators(seeds)
-        x_T = self.initial_latents(gens, height=height, width=width) if latents is None else latents.float()
-        if x_T.dim() != 4 or x_T.shape[1] != self.latent_channels:
-            raise ValueError(f"latents must have shape (B, {self.latent_channels}, h, w), got {tuple(x_T.shape)}")
-        if eta > 0 and len(gens) != x_T.shape[0]:
-            raise ValueError(f"eta > 0 draws each image's step noise from its seed: give one seed per latent "
-                             f"({x_T.shape[0]}), got {len(gens)}")
         if clip_x0 == "auto":
             clip_x0 = 1.0 if self.vae is None else None
-        B, R = x_T.shape[0], len(emb)
-        weights = comp.weights(guidance_scale, generate=generate, rows=R).to(self.device)
-        ids = torch.arange(R, device=self.device)[:, None].expand(R, B)
-        used = torch.cat([ids.new_zeros(1), 1 + (weights != 0).nonzero().flatten()])
-        gen_weights = weights[used[1:] - 1]  # without a record only the base and the weighted rows are evaluated
-        rows = (R if record else len(used)) * B if chunk_size in (None, "auto") else int(chunk_size)
-        while True:
-            eps_fn = ComposedEps(self.eps_model(emb), ids if record else ids[used], weights if record else gen_weights,
-                                 chunk_size=rows, record=record, record_every=record_every)
+        weights = comp.weights(guidance_scale, generate=generate, rows=len(emb)).to(self.device)
+        rows = None if chunk_size in (None, "auto") else int(chunk_size)
+        while True:  # one pass, or with chunk_size "auto" one more per halving after an out-of-memory
+            gens = self.generators(seeds)  # every image's latents and noise replay from its own seed
+            x_T = self.initial_latents(gens, height=height, width=width) if latents is None else latents.float()
+            if x_T.dim() != 4 or x_T.shape[1] != self.latent_channels:
+                raise ValueError(f"latents must have shape (B, {self.latent_channels}, h, w), got {tuple(x_T.shape)}")
+            if eta > 0 and len(gens) != x_T.shape[0]:
+                raise ValueError(f"eta > 0 draws each image's step noise from its seed: give one seed per latent "
+                                 f"({x_T.shape[0]}), got {len(gens)}")
+            ids = torch.arange(len(emb), device=self.device)[:, None].expand(len(emb), x_T.shape[0])
+            rows = ids.numel() if rows is None else rows
+            eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=rows, record=record,
+                                 record_every=record_every)
             try:
                 x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
                                  progress=progress, generator=gens if eta > 0 else None)
@@ -404,9 +402,6 @@ class CompositionPipeline:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 rows = max(1, rows // 2)  # "auto": halve the rows per UNet call and start the batch again
-                gens = self.generators(seeds)  # replay every image's noise from its seed
-                if latents is None:
-                    self.initial_latents(gens, height=height, width=width)
         self.last_chunk_size = rows
         images = None if output_type == "latent" else self.decode(x0, output_type=output_type)
         return CompositionOutput(images, x0, eps_fn.record, eps_fn.n_evals, comp, weights, seeds, emb.prompts, generate)

@@ -32,9 +32,10 @@ class StepRecord:
 class ComposedEps:
     """eps_fn(x_t (B, *S), t (B,)) -> combine_eps(evaluate_conditions(model, x_t, t, conds), weights).
 
-    record: keep (x_t, t, preds of every condition row) of the calls; with ``record_every`` = k
-    only every k-th call (0, k, 2k, ...) evaluates and keeps every row, the calls between evaluate
-    only the base and the rows some weight uses (rows kept for scoring cost 1/k as much)."""
+    Rows no weight uses (weight 0 for every sample) are evaluated only where they are kept:
+    record=True keeps (x_t, t, preds of every condition row) of every ``record_every``-th call
+    (0, k, 2k, ...); every other call, and every call without a record, evaluates only the base
+    and the weighted rows (rows kept for scoring cost 1/k as much)."""
 
     def __init__(self, model: EpsModel, conds: Any, weights: torch.Tensor, *, chunk_size: int | None = None,
                  record: bool = False, record_every: int = 1, backend: str = "auto",
@@ -48,11 +49,8 @@ class ComposedEps:
         self.record_every = int(record_every)
         self.n_evals = 0  # model rows evaluated
         self.n_calls = 0
-
-    def _used(self) -> torch.Tensor:
-        """Row indices generation needs: the base and every row with a nonzero weight."""
         w = self.weights.reshape(-1, self.weights.shape[-1])
-        return torch.cat([torch.zeros(1, dtype=torch.long), 1 + (w != 0).any(0).nonzero().flatten()])
+        self._used = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (w != 0).any(0).nonzero().flatten()])
 
     def _evaluate(self, x_t: torch.Tensor, t: torch.Tensor, conds: Any) -> torch.Tensor:
         preds = evaluate_conditions(self.model, x_t, t, conds, chunk_size=self.chunk_size)
@@ -66,7 +64,8 @@ class ComposedEps:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         keep = self.record is not None and self.n_calls % self.record_every == 0
         self.n_calls += 1
-        if keep or self.record_every == 1:
+        used = self._used
+        if keep or len(used) == self.weights.shape[-1] + 1:  # every row: no selection copy
             preds = self._evaluate(x_t, t, self.conds)
             weights = self.weights
             if keep:
@@ -74,7 +73,6 @@ class ComposedEps:
                 self.record.t.append(t.detach().expand(x_t.shape[0]).clone())
                 self.record.preds.append(preds.detach())
         else:
-            used = self._used()
             conds = self.conds[used.to(self.conds.device)] if isinstance(self.conds, torch.Tensor) else \
                 [self.conds[i] for i in used.tolist()]
             preds = self._evaluate(x_t, t, conds)
