@@ -108,7 +108,7 @@ def cpu_section(args) -> dict:
                    record=name == "cached", output_type="latent", generate="joint", record_joint=True)
         emb = pipe.encode(comp.condition_prompts())
         if name == "cached":
-            maps = LM.cached_lift_maps(out.record, torch.tensor(comp.signs), joint_row=comp.joint_row)
+            maps = LM.cached_lift_maps(out.record, torch.tensor(comp.signs), target="joint", joint_row=comp.joint_row)
         else:
             maps = LM.fixed_lift_maps(pipe, out.latents, emb, torch.tensor(comp.signs), n_trials=args.trials,
                                       chunk_trials=args.chunk_trials, joint_row=comp.joint_row)

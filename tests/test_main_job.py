@@ -46,6 +46,10 @@ def test_runs_resumes_and_refuses_other_settings(world, tmp_path, capsys):
     assert rows[("not", "cached-joint", "default")]["rows_per_candidate"] == 6  # the record is free to score
     assert rows[("not", "public", "default")]["rows_per_candidate"] == 6 + 2 * 3  # + 2 trials x 3 rows
     assert ("or", "cached-joint", "default") not in rows  # an OR has no joint caption
+    # the default target: the joint for the required component, the noise for the NOT; an OR scores the noise
+    assert rows[("not", "cached-term", "default")]["rows_per_candidate"] == 6
+    assert ("or", "cached-term", "default") in rows and ("or", "cached-term-every2", "default") not in rows
+    assert len(res["rules"]["cached-term"]) == 4 and res["rules"]["cached-term"][:2] == res["rules"]["cached-joint"]
     assert (out / "table.md").exists() and (out / "grid.png").exists()
     # an interrupted run: the missing cell is computed again, the finished one is not touched
     stamp = cells[0].stat().st_mtime_ns

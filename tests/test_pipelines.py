@@ -208,11 +208,11 @@ def test_cached_lift_maps_match_the_definition(sd):
     out = sd(PROMPT, seeds=[1, 2], num_inference_steps=5, output_type="latent")
     signs = torch.tensor(out.composition.signs)
     P = torch.stack(out.record.preds).double()  # (T, K+2, B, C, h, w): the joint caption is row 4
-    joint = cached_lift_maps(out.record, signs, joint_row=out.composition.joint_row)  # target='joint'
+    joint = cached_lift_maps(out.record, signs, target="joint", joint_row=out.composition.joint_row)
     d = (P[:, 4:5] - P[:, :1]).square() - (P[:, 4:5] - P[:, 1:4]).square()
     torch.testing.assert_close(joint.pixel_lift.double(), d.mean(dim=(0, 3)), atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="joint_row"):
-        cached_lift_maps(out.record, signs)
+        cached_lift_maps(out.record, signs, target="joint")
     maps = cached_lift_maps(out.record, signs, target="composed")
     assert maps.n_evals == 0 and maps.n_trials == 5 and maps.pixel_lift.shape == (3, 2, 8, 8)
     P = P[:, :4]  # (T, K+1, B, C, h, w)
@@ -226,6 +226,17 @@ def test_cached_lift_maps_match_the_definition(sd):
         cached_lift_maps(out.record, torch.ones(5), target="composed")  # 5 components need 6 rows
     with pytest.raises(ValueError, match="target"):
         cached_lift_maps(out.record, signs, target="x")
+    # the default 'term' target: car and clock (required) against the joint, the dog against the noise
+    required = out.composition.expression.required()
+    assert required == [0, 1]
+    term = cached_lift_maps(out.record, signs, joint_row=out.composition.joint_row, required=required,
+                            latents=out.latents, schedule=sd.schedule)
+    assert term.targets == ("joint", "joint", "noise")
+    torch.testing.assert_close(term.pixel_lift[:2], joint.pixel_lift[:2])
+    torch.testing.assert_close(term.pixel_lift[2], noise.pixel_lift[2])
+    with pytest.raises(ValueError, match="required"):
+        cached_lift_maps(out.record, signs, joint_row=out.composition.joint_row, latents=out.latents,
+                         schedule=sd.schedule)
 
 
 def test_fixed_and_fresh_trials(sd):
@@ -252,6 +263,12 @@ def test_fixed_and_fresh_trials(sd):
         p = sd.predict(sd.schedule.add_noise(x0, bank[i].expand(2, 4, 8, 8), t), t, emb).double()
         ref += ((p[1] - p[0]).square() - (p[1] - p[1:]).square()).mean(2) / 5  # "a black car" is the joint
     torch.testing.assert_close(joint.pixel_lift.double(), ref, atol=1e-6, rtol=1e-4)
+    noise = fixed_lift_maps(sd, x0, emb, signs, n_trials=5, chunk_trials=3, target="noise")
+    term = fixed_lift_maps(sd, x0, emb, signs, n_trials=5, chunk_trials=3, joint_row=comp.joint_row,
+                           target="term", required=comp.expression.required())  # one pass, both targets
+    assert term.targets == ("joint", "noise") and term.n_evals == noise.n_evals == 5 * 3 * 2
+    torch.testing.assert_close(term.pixel_lift[0], joint.pixel_lift[0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(term.pixel_lift[1], noise.pixel_lift[1], atol=1e-6, rtol=1e-4)
     fresh = fresh_lift_maps(sd, x0, emb, n_trials=4)
     assert fresh.n_evals == 4 * 3 * 2 and fresh.pixel_lift.shape == (2, 2, 8, 8)
     assert torch.isfinite(fresh.pixel_lift).all()
@@ -287,6 +304,32 @@ def test_object_rule_counts_pixels_against_the_threshold():
     assert small.min_count(DEFAULT_MIN_PIXELS) == 24 and LiftMaps(torch.zeros(1, 1, 128, 128), 1, 0).min_count(DEFAULT_MIN_PIXELS) == 1536
 
 
+def test_each_row_keeps_the_rule_of_its_target():
+    from compkern.pipelines.lift_maps import DEFAULT_RULES, per_term
+
+    comp = parse_composition("a car AND NOT a dog")
+    pix = torch.zeros(2, 1, 16, 16)
+    pix[0, 0, :2] = 0.01  # car: 32 pixels at 0.01 (present by the joint rule: > 0 on 24 pixels)
+    pix[1, 0, :3] = 5e-4  # dog: 48 pixels at 5e-4: present at threshold 0, absent at the noise rule's 1e-3
+    assert DEFAULT_RULES["noise"][0] > 5e-4 and DEFAULT_RULES["joint"][0] < 5e-4
+    joint_only = LiftMaps(pix, 1, 0, ("joint", "joint"))
+    assert not bool(accept(comp, joint_only)[0])  # the dog counts at threshold 0
+    term = per_term(joint_only, LiftMaps(pix, 1, 0, ("noise", "noise")), [0])
+    assert term.targets == ("joint", "noise") and bool(accept(comp, term)[0])
+    assert term.counts().tolist() == [[32], [0]] and term.counts(0.0).tolist() == [[32], [48]]
+    # one number overrides every row, K numbers set each row
+    assert not bool(accept(comp, term, threshold=0.0)[0])
+    assert bool(accept(comp, term, threshold=[0.0, 1e-3], min_pixels=[24, 0.5])[0])
+    with pytest.raises(ValueError, match="K = 2"):
+        term.scores(threshold=[0.0])
+    with pytest.raises(ValueError, match="targets"):
+        LiftMaps(pix, 1, 0, ("joint",))
+    with pytest.raises(ValueError, match="required"):
+        per_term(None, term, [0])  # a required row needs joint maps
+    with pytest.raises(ValueError, match="required"):
+        per_term(joint_only, term, [2])
+
+
 def test_not_can_fail_on_a_record_with_both_objects_drawn():
     """A synthetic record (the review's check): A's signal in the left half, B's in the right
     half, the joint caption explaining both. "A AND NOT B" must reject it with the joint and the
@@ -314,12 +357,20 @@ def test_not_can_fail_on_a_record_with_both_objects_drawn():
     comp = parse_composition("a A AND NOT a B")
     signs = torch.tensor(comp.signs)
     rule = dict(threshold=0.0, min_pixels=0.25)
-    for target, joint_row in (("joint", 3), ("noise", None)):
-        maps = cached_lift_maps(rec, signs, target=target, joint_row=joint_row, latents=x0, schedule=sched)
+    for target, joint_row in (("joint", 3), ("noise", None), ("term", 3)):
+        maps = cached_lift_maps(rec, signs, target=target, joint_row=joint_row, required=[0], latents=x0,
+                                schedule=sched)
         assert maps.scores(**rule)[1, 0] > 0, target  # B is present ...
         assert not bool(accept(comp, maps, **rule)[0]), target  # ... so NOT B fails
+    assert not bool(accept(comp, maps)[0])  # 'term' at the library's defaults
     composed = cached_lift_maps(rec, signs, target="composed")
     assert bool(accept(comp, composed, **rule)[0])  # the old default accepts it
+    # and NOT can pass: B's prediction explains nothing (it is the null's), the joint row only A
+    for p in rec.preds:
+        p[2] = p[0]
+        p[3] = p[1]
+    maps = cached_lift_maps(rec, signs, target="term", joint_row=3, required=[0], latents=x0, schedule=sched)
+    assert maps.scores()[1, 0] < 0 and bool(accept(comp, maps)[0])
 
 
 def test_overlays(tmp_path):
@@ -426,7 +477,7 @@ def test_pixel_space_folder_runs_through_the_pipeline_and_generate(pixel_path, t
                  "--batch-size", "2", "--prompt", "a red_square AND NOT a green_cross", "--dtype", "fp32",
                  "--device", "cpu", "--threads", "1", "--save-rejected"]) == 0
     m = json.loads((run / "manifest.json").read_text())
-    assert m["attempted"] == 2 and m["config"]["generate"] == "joint" and m["config"]["target"] == "joint"
+    assert m["attempted"] == 2 and m["config"]["generate"] == "joint" and m["config"]["target"] == "term"
     assert all((run / f"images/{i:06d}.png").exists() for i in range(2))
 
 

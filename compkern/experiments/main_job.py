@@ -20,16 +20,18 @@ other terms composed; OR: composed), every method scoring the same candidates:
 - public: CompLift's public text-to-image scorer made faithful: 200 evenly spaced fresh trials
   with one noise bank, the full prompt (joint caption) as target for AND prompts (the noise
   elsewhere: the public code defines no target for NOT / OR), one image at a time;
-- cached-joint / cached-noise / cached-composed: the sampling run's own steps, targets of
-  ``cached_lift_maps`` (composed: the old default, for comparison); cached-joint-every2: every
-  other step of the same record, as `--record-every 2` keeps it (its rows are counted as that
-  run evaluates them; its wall time is the plain run's plus half the record's extra);
+- cached-term / cached-joint / cached-noise / cached-composed: the sampling run's own steps,
+  targets of ``cached_lift_maps`` (term, the default: joint for the required components, noise
+  for the others, each with its own rule; composed: the old default, for comparison); *-every2:
+  every other step of the same record, as `--record-every 2` keeps it (its rows are counted as
+  that run evaluates them; its wall time is the plain run's plus half the record's extra);
 - fresh-32: 32 uniform-t fresh trials, noise target; fresh-adaptive: compkern.lift.estimate_lift
   adaptive on the expression (mean-lift sign, at most 64 trials);
 - reference: 1000 fresh trials (noise target) on the first ``--ref-n`` candidates of a cell.
 
 Pixel-rule methods are reported at the library's default rule and at a rule calibrated per
-method (best F1 over a grid, one rule across all suites) on the even seeds; every row of the
+method (best F1 over a grid, one rule across all suites; for a term method the noise terms' rule,
+its joint rows at the joint method's calibrated rule) on the even seeds; every row of the
 table is measured on the odd seeds only, so nothing is reported on the data a rule (the
 library's default included, chosen with this benchmark) was tuned on. UNet rows per candidate count each
 method's own generation (with the record when it scores from it) plus its scoring rows.
@@ -50,10 +52,13 @@ from compkern.pipelines import lift_maps as LM
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, check_run_folder, load
 
 SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
-METHODS = ("none", "public", "cached-joint", "cached-joint-every2", "cached-noise", "cached-composed", "fresh-32",
-           "fresh-adaptive")
-PIXEL_METHODS = ("public", "cached-joint", "cached-joint-every2", "cached-noise", "cached-composed", "fresh-32",
-                 "reference")
+METHODS = ("none", "public", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
+           "cached-noise-every2", "cached-composed", "fresh-32", "fresh-adaptive")
+PIXEL_METHODS = ("public", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
+                 "cached-noise-every2", "cached-composed", "fresh-32", "reference")
+# the 'term' target (lift_maps.per_term) from a cell's stored maps: (joint maps, noise maps)
+TERM_METHODS = {"cached-term": ("cached-joint", "cached-noise"),
+                "cached-term-every2": ("cached-joint-every2", "cached-noise-every2")}
 THRESHOLDS = (0.0, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 MIN_FRACTIONS = (1 / 256, 2 / 256, 3 / 256, 5 / 256, 8 / 256, 12 / 256, 16 / 256, 24 / 256, 32 / 256, 48 / 256)
 # settings that change the numbers: a folder made with other settings is refused
@@ -92,6 +97,12 @@ def judge(detector, images: torch.Tensor, objs: list[int], expression) -> tuple[
     return expression.accept(present.float() - 0.5), present
 
 
+def _public_target(comp) -> str:
+    """The public scorer's target: the full prompt (joint) for a pure AND, else the noise (the
+    public code defines no target for NOT / OR)."""
+    return "joint" if comp.joint is not None and len(comp.expression.required()) == comp.K else "noise"
+
+
 # -- one cell -----------------------------------------------------------------------------------
 def _timed(fn):
     t0 = time.perf_counter()
@@ -120,7 +131,6 @@ def run_cell(pipe, detector, expression_text: str, objs: list[int], cfg: dict) -
             "gen": {"record": {"rows": rec.n_evals / n, "wall": wall_rec / n},
                     "plain": {"rows": plain.n_evals / n, "wall": wall_plain / n}},
             "maps": {}, "decisions": {}, "score": {}}
-    pure_and = comp.joint is not None and len(comp.expression.required()) == K
 
     def put(name, maps, wall, gen_kind):
         cell["maps"][name] = maps.pixel_lift.half()
@@ -133,13 +143,16 @@ def run_cell(pipe, detector, expression_text: str, objs: list[int], cfg: dict) -
                                                         latents=x0, schedule=pipe.schedule))
         put(f"cached-{target}", maps, wall, "record")
     if comp.joint is not None:  # record_every=2: the same trajectory, every other step kept (steps 0, 2, ...)
-        maps, wall = _timed(lambda: LM.cached_lift_maps(rec.record, signs, joint_row=comp.joint_row,
+        maps, wall = _timed(lambda: LM.cached_lift_maps(rec.record, signs, target="joint", joint_row=comp.joint_row,
                                                         steps=slice(0, None, 2)))
         put("cached-joint-every2", maps, wall, "record_every2")
+        maps, wall = _timed(lambda: LM.cached_lift_maps(rec.record, signs, target="noise", latents=x0,
+                                                        schedule=pipe.schedule, steps=slice(0, None, 2)))
+        put("cached-noise-every2", maps, wall, "record_every2")
         extra = rec.n_evals - plain.n_evals  # rows the record added: they cost half with record_every=2
         cell["gen"]["record_every2"] = {"rows": (plain.n_evals + extra * math.ceil(cfg["steps"] / 2) / cfg["steps"]) / n,
                                         "wall": (wall_plain + (wall_rec - wall_plain) / 2) / n}
-    p_target = "joint" if pure_and else "noise"
+    p_target = _public_target(comp)
     emb_pub = pipe.encode(comp.condition_prompts(with_joint=p_target == "joint"))
     ones = []
     t0 = time.perf_counter()
@@ -213,16 +226,51 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- the report ---------------------------------------------------------------------------------
-def _decide(cell: dict, method: str, rule: tuple[float, float] | None) -> torch.Tensor:
+def _maps(cell: dict, method: str) -> LM.LiftMaps | None:
+    """A pixel method's lift maps of a cell (None where the cell has none, e.g. no joint for an OR)."""
+    from compkern.pipelines.composition import parse_composition
+
+    comp = parse_composition(cell["expression"])
+    one = lambda m, t: LM.LiftMaps(cell["maps"][m].float(), 1, 0, (t,) * cell["K"])  # noqa: E731
+    if method in TERM_METHODS:
+        j, nz = TERM_METHODS[method]
+        if nz not in cell["maps"]:
+            return None
+        req = comp.expression.required()
+        return LM.per_term(one(j, "joint") if req else None, one(nz, "noise"), req)
+    if method not in cell["maps"]:
+        return None
+    if method == "public":
+        return one(method, _public_target(comp))
+    return one(method, "joint" if method.startswith("cached-joint") else "composed" if method == "cached-composed"
+               else "noise")
+
+
+def _score(cell: dict, method: str) -> dict:
+    """rows / wall per candidate of a method's scoring and the generation it scores ('gen')."""
+    if method in TERM_METHODS:
+        parts = [cell["score"][m] for m in TERM_METHODS[method] if m in cell["score"]]
+        return {"rows": sum(p["rows"] for p in parts), "wall": sum(p["wall"] for p in parts), "gen": parts[-1]["gen"]}
+    return cell["score"].get(method, {"rows": 0.0, "wall": 0.0, "gen": "plain"})
+
+
+def _decide(cell: dict, method: str, rule: tuple[float, ...] | None) -> torch.Tensor:
+    """(B,) bool decisions. rule: (threshold, min fraction) for every row, or for a term method
+    (joint threshold, joint fraction, noise threshold, noise fraction); None: the library default."""
     from compkern.pipelines.composition import parse_composition
 
     if method == "none":
         return torch.ones(len(cell["seeds"]), dtype=torch.bool)
     if method in cell["decisions"]:
         return cell["decisions"][method]
-    comp = parse_composition(cell["expression"])
-    thr, frac = rule
-    return LM.accept(comp, LM.LiftMaps(cell["maps"][method].float(), 1, 0), threshold=thr, min_pixels=frac)
+    maps = _maps(cell, method)
+    thr = frac = None
+    if rule is not None and len(rule) == 4:
+        by = {"joint": rule[:2], "noise": rule[2:]}
+        thr, frac = ([by[t][i] for t in maps.targets] for i in (0, 1))
+    elif rule is not None:
+        thr, frac = rule
+    return LM.accept(parse_composition(cell["expression"]), maps, threshold=thr, min_pixels=frac)
 
 
 def _stats(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -242,21 +290,25 @@ def _split(cell: dict, part: str) -> torch.Tensor:
     return idx % 2 == (0 if part == "cal" else 1)
 
 
-def calibrate_rule(cells: list[dict], method: str) -> tuple[float, float]:
+def calibrate_rule(cells: list[dict], method: str, joint_rule: tuple[float, float] | None = None
+                   ) -> tuple[float, ...] | None:
     """The (threshold, min fraction) of the grid with the best F1 over every suite's calibration
-    (even) seeds."""
+    (even) seeds; for a term method (joint_rule given) the noise rows' rule, returned after it.
+    None when no cell has the method."""
     best, arg = -1.0, None
     for thr, frac in itertools.product(THRESHOLDS, MIN_FRACTIONS):
+        rule = (thr, frac) if joint_rule is None else (*joint_rule, thr, frac)
         pairs = []
         for c in cells:
-            if method not in c["maps"]:
+            maps = _maps(c, method)
+            if maps is None:
                 continue
-            m = _split(c, "cal")[:c["maps"][method].shape[1]]
-            pairs.append((_decide(c, method, (thr, frac))[m], c["satisfied"][:len(m)][m]))
+            m = _split(c, "cal")[:maps.pixel_lift.shape[1]]
+            pairs.append((_decide(c, method, rule)[m], c["satisfied"][:len(m)][m]))
         if pairs:
             f1 = _stats(pairs)["f1"]
             if f1 > best:
-                best, arg = f1, (thr, frac)
+                best, arg = f1, rule
     return arg
 
 
@@ -268,17 +320,19 @@ def report(out: Path, rules_from: Path | None = None) -> str:
     if not files:
         raise ValueError(f"--out {out} holds no cells yet: run `compkern main-job run` first")
     cells = [load(f) for f in files]
-    default = (LM.DEFAULT_THRESHOLD, LM.DEFAULT_MIN_PIXELS)
-    present = {m for c in cells for m in c["maps"]}
+    present = {m for m in PIXEL_METHODS if any(_maps(c, m) is not None for c in cells)}
     if rules_from is None:
-        rules = {m: calibrate_rule(cells, m) for m in PIXEL_METHODS if m in present}
+        rules = {m: calibrate_rule(cells, m) for m in PIXEL_METHODS if m in present and m not in TERM_METHODS}
+        for m, (j, _) in TERM_METHODS.items():
+            if m in present and rules.get(j):
+                rules[m] = calibrate_rule(cells, m, rules[j])
     else:
         path = rules_from / "results.json"
         if not path.exists():
             raise ValueError(f"--rules-from {rules_from}: no results.json (run its report first)")
         rules = {m: tuple(r) for m, r in json.loads(path.read_text())["rules"].items() if m in present}
     rows = []
-    variants = [("none", None, "-")] + [(m, default, "default") for m in METHODS if m in PIXEL_METHODS] + \
+    variants = [("none", None, "-")] + [(m, None, "default") for m in METHODS if m in PIXEL_METHODS] + \
         [(m, rules[m], "calibrated") for m in METHODS if m in rules] + [("fresh-adaptive", None, "mean sign")]
     for suite in SUITES:
         sc = [c for c in cells if c["suite"] == suite]
@@ -287,7 +341,7 @@ def report(out: Path, rules_from: Path | None = None) -> str:
         for method, rule, kind in variants:
             pairs, ref_pairs, rows_sum, wall_sum, n_sum = [], [], 0.0, 0.0, 0
             for c in sc:
-                if method in PIXEL_METHODS and method not in c["maps"]:
+                if method in PIXEL_METHODS and _maps(c, method) is None:
                     continue  # e.g. no joint caption for an OR
                 # the odd seeds only when the rules were chosen on this folder's even ones
                 m = _split(c, "eval") if rules_from is None else torch.ones(len(c["seeds"]), dtype=torch.bool)
@@ -297,8 +351,8 @@ def report(out: Path, rules_from: Path | None = None) -> str:
                     r = c["maps"]["reference"].shape[1]
                     ref = _decide({**c, "seeds": c["seeds"][:r]}, "reference", rules["reference"])
                     ref_pairs.append((dec[:r][m[:r]], ref[m[:r]]))
-                g = c["gen"][c["score"][method]["gen"] if method != "none" else "plain"]
-                s = c["score"].get(method, {"rows": 0.0, "wall": 0.0})
+                s = _score(c, method)
+                g = c["gen"][s["gen"]]
                 k = int(m.sum())
                 rows_sum += (g["rows"] + s["rows"]) * k
                 wall_sum += (g["wall"] + s["wall"]) * k
@@ -308,8 +362,7 @@ def report(out: Path, rules_from: Path | None = None) -> str:
             st = _stats(pairs)
             agree = float(torch.cat([a == b for a, b in ref_pairs]).float().mean()) if ref_pairs else float("nan")
             acc = st["accepted"] or float("nan")
-            rows.append({"suite": suite, "method": method, "rule": kind,
-                         "threshold": None if rule is None else rule[0], "min_fraction": None if rule is None else rule[1],
+            rows.append({"suite": suite, "method": method, "rule": kind, "rule_values": None if rule is None else list(rule),
                          **st, "rows_per_candidate": rows_sum / max(n_sum, 1), "rows_per_accepted": rows_sum / acc,
                          "wall_per_accepted": wall_sum / acc, "agreement_with_reference": agree})
     atomic_write_json({"rules": {m: list(r) for m, r in rules.items()}, "rows": rows,
@@ -317,23 +370,30 @@ def report(out: Path, rules_from: Path | None = None) -> str:
     lines = ["| suite | method | rule | base rate | precision | recall | accepted | rows / candidate | rows / accepted "
              "| wall s / accepted | agrees with 1000-trial ref |", "|" + "---|" * 11]
     for r in rows:
-        rule = r["rule"] if r["threshold"] is None else f"{r['rule']} ({r['threshold']:g}, {r['min_fraction'] * 256:.0f}/256)"
+        rule = r["rule"] if r["rule_values"] is None else f"{r['rule']} {_rule_text(r['rule_values'])}"
         lines.append(f"| {r['suite']} | {r['method']} | {rule} | {r['base_rate']:.2f} | {_f(r['precision'])} | "
                      f"{_f(r['recall'])} | {r['accepted']}/{r['n']} | {r['rows_per_candidate']:.0f} | "
                      f"{_f(r['rows_per_accepted'], '.0f')} | {_f(r['wall_per_accepted'])} | "
                      f"{_f(r['agreement_with_reference'])} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    if "cached-joint" in rules:
-        grid(cells, rules["cached-joint"], out / "grid.png")
+    if "cached-term" in present:
+        grid(cells, None, out / "grid.png")
     return table
+
+
+def _rule_text(rule) -> str:
+    """(thr, frac) -> '(thr, n/256)'; a term rule -> 'joint (..) noise (..)'."""
+    one = lambda t, f: f"({t:g}, {f * 256:.0f}/256)"  # noqa: E731
+    return one(*rule) if len(rule) == 2 else f"joint {one(*rule[:2])} noise {one(*rule[2:])}"
 
 
 def _f(x: float, fmt: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def grid(cells: list[dict], rule: tuple[float, float], path: Path, method: str = "cached-joint", per_suite: int = 4) -> None:
+def grid(cells: list[dict], rule: tuple[float, ...] | None, path: Path, method: str = "cached-term",
+         per_suite: int = 4) -> None:
     """A PNG: per suite, candidates with the method's verdict (green accepted / red rejected), the
     detector's truth, and each component's lift map below the image."""
     import matplotlib
@@ -342,7 +402,7 @@ def grid(cells: list[dict], rule: tuple[float, float], path: Path, method: str =
 
     shown = []
     for suite in SUITES:
-        sc = [c for c in cells if c["suite"] == suite and method in c["maps"]]
+        sc = [c for c in cells if c["suite"] == suite and _maps(c, method) is not None]
         if sc:
             c = sc[0]
             shown.append((suite, c, _decide(c, method, rule)))
@@ -363,7 +423,7 @@ def grid(cells: list[dict], rule: tuple[float, float], path: Path, method: str =
             for k in range(K):
                 axm = axes[r * (K + 1) + 1 + k, j]
                 if k < c["K"]:
-                    m = c["maps"][method][k, j].float()
+                    m = _maps(c, method).pixel_lift[k, j]
                     s = float(m.abs().max()) or 1.0
                     axm.imshow(m.numpy(), cmap="coolwarm", vmin=-s, vmax=s)
             if j == 0:

@@ -7,8 +7,9 @@ into a resumable output folder, on one process or under ``torchrun --nproc-per-n
 Work is cut into batches of ``--batch-size`` images; image i has seed ``--seed + i`` and batch j
 holds images [j * batch_size, (j + 1) * batch_size). Each batch is generated (one batched UNet
 call per step for all condition rows: by default guidance on the joint caption, the other terms
-composed), scored (by default CompLift lift maps cached from every other sampling step against the
-joint caption's prediction, the pixel rule at threshold 0 and 3/32 of the latent: the settings
+composed), scored (by default CompLift lift maps cached from every other sampling step, each
+component against its own target: the joint caption's prediction for the required components,
+the noise for NOT / OR terms, each with its pixel rule, ``lift_maps.DEFAULT_RULES``: the settings
 `compkern main-job` measured best) and accepted or rejected, then committed as one atomic shard ``shards/batch-JJJJJJ.pt``
 (accepted images and their lift-map overlays are written first). A rerun with the same settings
 skips committed batches, so an interrupted run resumes where it stopped.
@@ -65,16 +66,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
                         "on the final latents (noise target); public: CompLift's public scorer, --trials evenly spaced "
                         "fresh trials with a fixed noise bank; none: accept everything")
-    p.add_argument("--target", default="joint", choices=list(LM.TARGETS),
-                   help="target of cached / public trials: the joint caption's prediction (recorded as one more "
+    p.add_argument("--target", default="term", choices=list(LM.TARGETS),
+                   help="target of cached / public trials: term (default: joint for the components every accepted "
+                        "image needs, noise for NOT / OR terms), the joint caption's prediction (recorded as one more "
                         "condition row), the noise (recovered from x_t and the final latents), or the composed "
                         "prediction (comparison only: NOT can never fail)")
     p.add_argument("--record-every", type=int, default=2,
                    help="cached: keep every k-th sampling step as a trial (the component rows are evaluated only "
                         "there; 2, the default, scored as well as every step in `compkern main-job` for fewer rows)")
-    p.add_argument("--threshold", type=float, default=LM.DEFAULT_THRESHOLD, help="pixel lift threshold")
-    p.add_argument("--min-pixels", type=float, default=LM.DEFAULT_MIN_PIXELS,
-                   help="latent pixels above threshold for a component to count as present (below 1: a fraction)")
+    rules = ", ".join(f"{t} {r[0]:g}" for t, r in LM.DEFAULT_RULES.items())
+    p.add_argument("--threshold", type=float, default=None, help=f"pixel lift threshold (default per target: {rules})")
+    rules = ", ".join(f"{t} {r[1]:g}" for t, r in LM.DEFAULT_RULES.items())
+    p.add_argument("--min-pixels", type=float, default=None,
+                   help="latent pixels above threshold for a component to count as present (below 1: a fraction; "
+                        f"default per target: {rules})")
     p.add_argument("--trials", type=int, default=50,
                    help="fresh / public trials per image (fresh with --rule mean: the most the adaptive estimator may spend)")
     p.add_argument("--rule", default="pixels", choices=["pixels", "mean"], help="object rule, or the mean-lift sign")
@@ -240,15 +245,17 @@ def score(pipe, comp, res, args, *, seed: int) -> tuple[LM.LiftMaps | None, torc
     if args.lift == "none":
         return None, torch.ones(B, dtype=torch.bool)
     signs = torch.tensor(comp.signs)
-    joint_row = comp.joint_row if args.target == "joint" else None
+    uses_joint = _uses_joint(comp, args.target)
+    joint_row = comp.joint_row if uses_joint else None
+    required = comp.expression.required()
     if args.lift == "cached":
-        maps = LM.cached_lift_maps(res.record, signs, target=args.target, joint_row=joint_row, latents=res.latents,
-                                   schedule=pipe.schedule)
+        maps = LM.cached_lift_maps(res.record, signs, target=args.target, joint_row=joint_row, required=required,
+                                   latents=res.latents, schedule=pipe.schedule)
     elif args.lift == "public":
-        emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=args.target == "joint"),
+        emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=uses_joint),
                           height=args.height, width=args.width)
         maps = LM.fixed_lift_maps(pipe, res.latents, emb, signs, n_trials=args.trials, seed=seed, target=args.target,
-                                  joint_row=joint_row, chunk_size=pipe.last_chunk_size)
+                                  joint_row=joint_row, required=required, chunk_size=pipe.last_chunk_size)
     else:
         emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=False), height=args.height,
                           width=args.width)
@@ -259,6 +266,11 @@ def score(pipe, comp, res, args, *, seed: int) -> tuple[LM.LiftMaps | None, torc
     return maps, ok
 
 
+def _uses_joint(comp, target: str) -> bool:
+    """Whether scoring with ``target`` needs the joint caption's prediction."""
+    return target == "joint" or (target == "term" and comp.joint is not None)
+
+
 def _run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
     """Generate, score and commit batch j; returns its accepted count."""
     t0 = time.perf_counter()
@@ -267,7 +279,7 @@ def _run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
     seeds = [args.seed + i for i in indices]
     res = pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                negative_prompt=args.negative_prompt, eta=args.eta, generate=args.generate,
-               record_joint=(args.lift == "cached" and args.target == "joint") or None, height=args.height, width=args.width,
+               record_joint=(args.lift == "cached" and _uses_joint(comp, args.target)) or None, height=args.height, width=args.width,
                chunk_size=args.chunk_size, record=args.lift == "cached", record_every=args.record_every,
                output_type="latent")
     maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
@@ -287,7 +299,7 @@ def _run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
         rec["image"] = f"images/{rec['index']:06d}.png"
         img.save(out / rec["image"])
         if maps is not None and not args.no_overlays:
-            sub = LM.LiftMaps(maps.pixel_lift[:, b:b + 1], maps.n_trials, 0)
+            sub = LM.LiftMaps(maps.pixel_lift[:, b:b + 1], maps.n_trials, 0, maps.targets)
             names = LM.save_overlays([img], sub, out / "maps", [f"{rec['index']:06d}"])[0]
             rec["maps"] = [f"maps/{f}" for f in names]
     atomic_save({"batch": j, "rank": rank, "records": records, "unet_rows": rows,

@@ -5,6 +5,12 @@ Lift of component k at latent pixel (i, j), averaged over trials and latent chan
     L_k(i, j) = mean_{t, c} [ (T - eps(x_t, c_0))^2 - (T - eps(x_t, c_k))^2 ](c, i, j)
 
 The target T of a trial:
+- 'term' (the default): per component, the target its question needs. A required component (one
+  every accepted image holds, ``Expr.required``: the positive terms of an AND) is scored against
+  'joint'; a negated or OR'ed component against 'noise'. Whether a NOT term C is in the image is
+  CompLift's own question (does c explain the noise of x_t better than the null?); the joint
+  caption names only the positive terms, so its prediction says little about C. Each row keeps
+  the pixel rule of its target (``DEFAULT_RULES``: the two lifts are in different units).
 - 'noise': the true noise eps of x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps: CompLift's estimand.
   Fresh trials (``fresh_lift_maps``, ``fixed_lift_maps(target='noise')``) draw it; cached trials
   (the sampling run's own steps, no extra UNet row) recover it from x_t and the final x_0.
@@ -21,9 +27,10 @@ Object rule (the CompLift text-to-image code): component k is present in an imag
 ``min_pixels`` latent pixels have L_k > ``threshold``; the expression then combines the
 per-component decisions (AND: all present, NOT: absent). ``min_pixels`` below 1 is a fraction of
 the latent pixels, so that the rule means the same share of the image at every size. The
-defaults (threshold 0: the sign of the pixel lift; 3/32 of the image) were chosen with
-`compkern main-job` on a trained world; the public code swept threshold in {0, 9e-5, ..., 1e-3}
-and the pixel count, and shows SDXL samples at 2e-4 and 300 of 128 x 128 pixels.
+defaults per target (``DEFAULT_RULES``; joint: threshold 0, the sign of the pixel lift, on 3/32
+of the image; noise: 1e-3 on 1/8) were chosen with `compkern main-job` on a trained world; the
+public code swept threshold in {0, 9e-5, ..., 1e-3} and the pixel count, and shows SDXL samples
+at 2e-4 and 300 of 128 x 128 pixels.
 """
 from __future__ import annotations
 
@@ -38,23 +45,48 @@ import torch
 from compkern.ops import combine_eps, lift_partial
 from compkern.samplers.composed import StepRecord
 
-# The default object rule: a pixel counts where its lift is positive (CompLift's own sign criterion,
-# free of the model's units), and a component is present on at least 3/32 of the latent pixels.
-# Chosen on the calibration seeds of `compkern main-job` (the shapes world; benchmarks/RESULTS.md),
-# reported on its held-out seeds. The public code's SDXL plot setting was 2e-4 and 300 / (128 x 128).
-DEFAULT_THRESHOLD = 0.0
-DEFAULT_MIN_PIXELS = 3 / 32
-TARGETS = ("joint", "noise", "composed")
+# The default object rule of each target, (threshold, min_pixels). Joint (and composed): a pixel
+# counts where its lift is positive (CompLift's sign criterion, free of the model's units) on at
+# least 3/32 of the latent. Noise: the true-noise lift is noisier per pixel (its cross term
+# 2 eps.(eps_k - eps_0) averages out only over many trials), so a pixel needs 1e-3 and a component
+# 1/8 of the latent. Both chosen on the calibration seeds of `compkern main-job` (the shapes world;
+# benchmarks/RESULTS.md), held on seeds no rule was chosen on. The public code's SDXL plot
+# setting was 2e-4 and 300 / (128 x 128).
+DEFAULT_RULES = {"joint": (0.0, 3 / 32), "composed": (0.0, 3 / 32), "noise": (1e-3, 1 / 8)}
+DEFAULT_THRESHOLD, DEFAULT_MIN_PIXELS = DEFAULT_RULES["joint"]
+TARGETS = ("term", "joint", "noise", "composed")
 
 
 @dataclass
 class LiftMaps:
     """pixel_lift (K, B, h, w) fp32: lift per latent pixel (mean over trials and channels);
-    lift (K, B): its spatial mean; n_trials; n_evals: UNet rows spent on scoring (0 when cached)."""
+    lift (K, B): its spatial mean; n_trials; n_evals: UNet rows spent on scoring (0 when cached);
+    targets (K,): the target each component's row was scored against (None: unknown, the joint
+    rule is the default)."""
 
     pixel_lift: torch.Tensor
     n_trials: int
     n_evals: int
+    targets: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.targets is not None:
+            self.targets = tuple(self.targets)
+            if len(self.targets) != self.pixel_lift.shape[0] or not set(self.targets) <= set(DEFAULT_RULES):
+                raise ValueError(f"targets must name one of {tuple(DEFAULT_RULES)} per component "
+                                 f"(K = {self.pixel_lift.shape[0]}), got {self.targets}")
+
+    def _per_component(self, value, which: int, name: str) -> list[float]:
+        """value: None (each row's target default), one number for every row, or K numbers."""
+        K = self.pixel_lift.shape[0]
+        if value is None:
+            return [DEFAULT_RULES[t][which] for t in (self.targets or ("joint",) * K)]
+        if isinstance(value, (int, float)):
+            return [float(value)] * K
+        value = [float(v) for v in value]
+        if len(value) != K:
+            raise ValueError(f"{name} must be one number or K = {K} numbers (one per component), got {len(value)}")
+        return value
 
     @property
     def lift(self) -> torch.Tensor:
@@ -73,14 +105,36 @@ class LiftMaps:
                              f"({self.pixel_lift.shape[-2]} x {self.pixel_lift.shape[-1]}): no component could be present")
         return max(m, 1)
 
-    def counts(self, threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
-        """(K, B) int64: latent pixels with lift above threshold."""
-        return (self.pixel_lift > threshold).sum(dim=(-2, -1))
+    def counts(self, threshold: float | Sequence[float] | None = None) -> torch.Tensor:
+        """(K, B) int64: latent pixels with lift above threshold (one number, K numbers, or None:
+        each row's target default)."""
+        thr = torch.tensor(self._per_component(threshold, 0, "threshold"), dtype=self.pixel_lift.dtype,
+                           device=self.pixel_lift.device)
+        return (self.pixel_lift > thr[:, None, None, None]).sum(dim=(-2, -1))
 
-    def scores(self, threshold: float = DEFAULT_THRESHOLD, min_pixels: float = DEFAULT_MIN_PIXELS) -> torch.Tensor:
+    def scores(self, threshold: float | Sequence[float] | None = None,
+               min_pixels: float | Sequence[float] | None = None) -> torch.Tensor:
         """(K, B) fp32, positive exactly where component k is present (count >= min_count): the
-        per-component input of ``Composition.accept``."""
-        return self.counts(threshold).float() - (self.min_count(min_pixels) - 0.5)
+        per-component input of ``Composition.accept``. Each argument: one number for every row,
+        K numbers, or None for each row's target default (``DEFAULT_RULES``)."""
+        need = torch.tensor([self.min_count(m) - 0.5 for m in self._per_component(min_pixels, 1, "min_pixels")],
+                            device=self.pixel_lift.device)
+        return self.counts(threshold).float() - need[:, None]
+
+
+def per_term(joint: LiftMaps | None, noise: LiftMaps, required: Sequence[int]) -> LiftMaps:
+    """The 'term' target from two maps of the same images and trials: rows in ``required``
+    (component indices, ``Expr.required()``) from ``joint``, the others from ``noise``; the
+    trials' UNet rows are counted once."""
+    K = noise.pixel_lift.shape[0]
+    req = sorted(set(int(k) for k in required))
+    if any(not 0 <= k < K for k in req):
+        raise ValueError(f"required must hold component indices in [0, {K}), got {list(required)}")
+    if req and (joint is None or joint.pixel_lift.shape != noise.pixel_lift.shape):
+        raise ValueError("required components need joint maps of the same shape as the noise maps")
+    rows = [joint.pixel_lift[k] if k in req else noise.pixel_lift[k] for k in range(K)]
+    return LiftMaps(torch.stack(rows), max(noise.n_trials, joint.n_trials if joint else 0),
+                    max(noise.n_evals, joint.n_evals if joint else 0), tuple("joint" if k in req else "noise" for k in range(K)))
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
@@ -100,26 +154,32 @@ def _target(preds: torch.Tensor, signs: torch.Tensor, target: str, joint_row: in
     return torch.stack([composed_target(p[:signs.shape[0] + 1], signs) for p in preds])
 
 
-def _check_target(target: str, joint_row: int | None, K: int, R: int) -> None:
+def _check_target(target: str, joint_row: int | None, K: int, R: int, required: Sequence[int] | None = None) -> None:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if R < K + 1:
         raise ValueError(f"the predictions hold {R} condition rows, fewer than the K + 1 = {K + 1} the signs need")
-    if target == "joint" and (joint_row is None or not 1 <= joint_row < R):
+    if target == "term" and required is None:
+        raise ValueError("target='term' needs required, the components every accepted image holds "
+                         "(Composition.expression.required())")
+    if target == "term" and not required:
+        return  # no required component (a pure OR / NOT): every row is scored against the noise
+    if target in ("joint", "term") and (joint_row is None or not 1 <= joint_row < R):
         raise ValueError(f"target='joint' needs joint_row, the row of the joint caption among the {R} condition rows "
                          f"(1..{R - 1}; Composition.joint_row), got {joint_row}: record it with record_joint=True")
 
 
 @torch.no_grad()
-def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "joint", joint_row: int | None = None,
-                     latents: torch.Tensor | None = None, schedule=None, steps: slice | None = None,
-                     chunk: int = 8) -> LiftMaps:
+def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "term", joint_row: int | None = None,
+                     required: Sequence[int] | None = None, latents: torch.Tensor | None = None, schedule=None,
+                     steps: slice | None = None, chunk: int = 8) -> LiftMaps:
     """Lift maps from the predictions recorded while sampling, each step one trial, no UNet row.
     record.preds: S steps of (R, B, C, h, w), rows [base, K components, extra rows such as the
     joint caption]; signs (K,): the expression's composed-eps signs (they give K).
 
-    target: 'joint' (the prediction of row ``joint_row``), 'noise' (recovered from x_t and the
-    final ``latents``; needs ``schedule``) or 'composed' (see the module docstring)."""
+    target: 'term' (default: 'joint' for the ``required`` components, 'noise' for the others),
+    'joint' (the prediction of row ``joint_row``), 'noise' (recovered from x_t and the final
+    ``latents``; needs ``schedule``) or 'composed' (see the module docstring)."""
     if record is None or len(record) == 0:
         raise ValueError("record must hold the steps of a sampling run made with record=True")
     preds_all = record.preds if steps is None else record.preds[steps]
@@ -131,7 +191,12 @@ def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "
     K, R, C = signs.shape[0], preds_all[0].shape[0], preds_all[0].shape[2]
     if K < 1:
         raise ValueError("signs must hold one weight per component (K >= 1)")
-    _check_target(target, joint_row, K, R)
+    _check_target(target, joint_row, K, R, required)
+    if target == "term":
+        kw = dict(latents=latents, schedule=schedule, steps=steps, chunk=chunk)
+        noise = cached_lift_maps(record, signs, target="noise", **kw)
+        joint = cached_lift_maps(record, signs, target="joint", joint_row=joint_row, **kw) if required else None
+        return per_term(joint, noise, required)
     if target == "noise":
         from compkern.lift import estimate_lift
 
@@ -150,7 +215,7 @@ def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "
             total = part if total is None else total + part
         pix = total.pixel_mean.float() / C
     _check_finite("pixel lift", pix)
-    return LiftMaps(pix, len(preds_all), 0)
+    return LiftMaps(pix, len(preds_all), 0, (target,) * K)
 
 
 @torch.no_grad()
@@ -168,7 +233,7 @@ def fresh_lift_maps(pipe, latents: torch.Tensor, embeddings, *, n_trials: int = 
                         generator=torch.Generator().manual_seed(int(seed)), **options)
     pix = res.pixel_lift.float() / latents.shape[1]
     _check_finite("pixel lift", pix)
-    return LiftMaps(pix, int(res.n_trials.max()), int(res.n_evals))
+    return LiftMaps(pix, int(res.n_trials.max()), int(res.n_evals), ("noise",) * K)
 
 
 def evenly_spaced_trials(num_steps: int, n_trials: int, shape: tuple[int, ...], *, seed: int = 0
@@ -186,20 +251,23 @@ def evenly_spaced_trials(num_steps: int, n_trials: int, shape: tuple[int, ...], 
 
 @torch.no_grad()
 def fixed_lift_maps(pipe, latents: torch.Tensor, embeddings, signs: torch.Tensor, *, n_trials: int = 200,
-                    seed: int = 0, target: str = "joint", joint_row: int | None = None, chunk_trials: int = 25,
+                    seed: int = 0, target: str = "joint", joint_row: int | None = None,
+                    required: Sequence[int] | None = None, chunk_trials: int = 25,
                     chunk_size: int | None = None) -> LiftMaps:
     """The public text-to-image estimator, batched: ``n_trials`` evenly spaced t with a fixed noise
     bank (``evenly_spaced_trials``), every condition row of ``embeddings`` evaluated at each trial,
-    the joint caption's prediction (row ``joint_row``, the public code's full prompt), the noise
-    or the composed prediction as target; signs (K,) give the K components (rows 1..K). Each
+    the joint caption's prediction (row ``joint_row``, the public code's full prompt), the noise,
+    the composed prediction, or per term ('term': joint for the ``required`` components, noise
+    for the others, from the same trials) as target; signs (K,) give the K components (rows 1..K). Each
     chunk of trials is one batched call of R x chunk_trials x B rows (``chunk_size`` caps the
     rows per UNet call); nothing leaves the device."""
     signs = torch.as_tensor(signs, dtype=torch.float32).flatten()
     K = signs.shape[0]
-    _check_target(target, joint_row, K, len(embeddings))
+    _check_target(target, joint_row, K, len(embeddings), required)
     B, S = latents.shape[0], tuple(latents.shape[1:])
     ts, bank = evenly_spaced_trials(pipe.schedule.num_steps, n_trials, S, seed=seed)
-    total, rows = None, 0
+    parts = ["noise", "joint"] if target == "term" and required else ["noise" if target == "term" else target]
+    total, rows = {}, 0
     for s in range(0, n_trials, chunk_trials):
         n = min(chunk_trials, n_trials - s)
         noise = bank[s:s + n].to(latents.device)[:, None].expand(n, B, *S)
@@ -209,18 +277,23 @@ def fixed_lift_maps(pipe, latents: torch.Tensor, embeddings, signs: torch.Tensor
         preds = pipe.predict(x_t, t, embeddings, chunk_size=chunk_size)  # (R, n*B, *S)
         rows += preds.shape[0] * preds.shape[1]
         preds = preds.reshape(preds.shape[0], n, B, *S).transpose(0, 1)  # (n, R, B, *S)
-        tgt = noise if target == "noise" else _target(preds, signs, target, joint_row)
-        part = lift_partial(tgt.to(preds.dtype), preds[:, :K + 1], pixel_map=True)
-        total = part if total is None else total + part
-    pix = total.pixel_mean.float() / S[0]
-    _check_finite("pixel lift", pix)
-    return LiftMaps(pix, n_trials, rows)
+        for name in parts:
+            tgt = noise if name == "noise" else _target(preds, signs, name, joint_row)
+            part = lift_partial(tgt.to(preds.dtype), preds[:, :K + 1], pixel_map=True)
+            total[name] = part if name not in total else total[name] + part
+    maps = {}
+    for name, part in total.items():
+        pix = part.pixel_mean.float() / S[0]
+        _check_finite("pixel lift", pix)
+        maps[name] = LiftMaps(pix, n_trials, rows, (name,) * K)
+    return per_term(maps.get("joint"), maps["noise"], required) if target == "term" else maps[target]
 
 
-def accept(composition, maps: LiftMaps, *, threshold: float = DEFAULT_THRESHOLD,
-           min_pixels: float = DEFAULT_MIN_PIXELS, rule: str = "pixels") -> torch.Tensor:
-    """(B,) bool. rule='pixels': the object rule (count of pixels above threshold vs min_pixels);
-    rule='mean': the sign of the image-mean lift (CompLift's rule for 2-D / CLEVR)."""
+def accept(composition, maps: LiftMaps, *, threshold: float | Sequence[float] | None = None,
+           min_pixels: float | Sequence[float] | None = None, rule: str = "pixels") -> torch.Tensor:
+    """(B,) bool. rule='pixels': the object rule (count of pixels above threshold vs min_pixels;
+    each None: the default of each row's target, ``DEFAULT_RULES``); rule='mean': the sign of the
+    image-mean lift (CompLift's rule for 2-D / CLEVR)."""
     if rule == "pixels":
         scores = maps.scores(threshold, min_pixels)
     elif rule == "mean":
