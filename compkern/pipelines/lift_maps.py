@@ -5,12 +5,14 @@ Lift of component k at latent pixel (i, j), averaged over trials and latent chan
     L_k(i, j) = mean_{t, c} [ (T - eps(x_t, c_0))^2 - (T - eps(x_t, c_k))^2 ](c, i, j)
 
 The target T of a trial:
-- 'term' (the default): per component, the target its question needs. A required component (one
-  every accepted image holds, ``Expr.required``: the positive terms of an AND) is scored against
-  'joint'; a negated or OR'ed component against 'noise'. Whether a NOT term C is in the image is
-  CompLift's own question (does c explain the noise of x_t better than the null?); the joint
-  caption names only the positive terms, so its prediction says little about C. Each row keeps
-  the pixel rule of its target (``DEFAULT_RULES``: the two lifts are in different units).
+- 'auto' (the default, ``resolve_target``): 'joint' for a pure AND of two or more components,
+  the one case where CompLift's public code defines a target (its full prompt); 'noise', CompLift's
+  own estimand, for everything else (a NOT or OR term, a single prompt). Measured best on
+  `compkern main-job` over three seed sets (benchmarks/RESULTS.md).
+- 'term': per component: 'joint' for the required components (``Expr.required``), 'noise' for
+  the others. Measured and not the default: on "A AND B AND NOT C" the joint target calls B
+  present where it is not drawn (the joint prediction follows the caption, not the image), and
+  precision fell below no filter.
 - 'noise': the true noise eps of x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps: CompLift's estimand.
   Fresh trials (``fresh_lift_maps``, ``fixed_lift_maps(target='noise')``) draw it; cached trials
   (the sampling run's own steps, no extra UNet row) recover it from x_t and the final x_0.
@@ -54,7 +56,20 @@ from compkern.samplers.composed import StepRecord
 # setting was 2e-4 and 300 / (128 x 128).
 DEFAULT_RULES = {"joint": (0.0, 3 / 32), "composed": (0.0, 3 / 32), "noise": (1e-3, 1 / 8)}
 DEFAULT_THRESHOLD, DEFAULT_MIN_PIXELS = DEFAULT_RULES["joint"]
-TARGETS = ("term", "joint", "noise", "composed")
+TARGETS = ("auto", "term", "joint", "noise", "composed")
+
+
+def resolve_target(target: str, required: Sequence[int] | None, K: int) -> str:
+    """'auto' -> 'joint' when every one of K >= 2 components is required (a pure AND: its joint
+    caption is a row of its own), else 'noise'; any other target is returned as it is. A single
+    component's joint caption is the component itself, whose lift against itself,
+    |eps_k - eps_0|^2, is never negative: it could not fail."""
+    if target != "auto":
+        return target
+    if required is None:
+        raise ValueError("target='auto' needs required, the components every accepted image holds "
+                         "(Composition.expression.required())")
+    return "joint" if K >= 2 and set(int(k) for k in required) == set(range(K)) else "noise"
 
 
 @dataclass
@@ -170,16 +185,16 @@ def _check_target(target: str, joint_row: int | None, K: int, R: int, required: 
 
 
 @torch.no_grad()
-def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "term", joint_row: int | None = None,
+def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "auto", joint_row: int | None = None,
                      required: Sequence[int] | None = None, latents: torch.Tensor | None = None, schedule=None,
                      steps: slice | None = None, chunk: int = 8) -> LiftMaps:
     """Lift maps from the predictions recorded while sampling, each step one trial, no UNet row.
     record.preds: S steps of (R, B, C, h, w), rows [base, K components, extra rows such as the
     joint caption]; signs (K,): the expression's composed-eps signs (they give K).
 
-    target: 'term' (default: 'joint' for the ``required`` components, 'noise' for the others),
-    'joint' (the prediction of row ``joint_row``), 'noise' (recovered from x_t and the final
-    ``latents``; needs ``schedule``) or 'composed' (see the module docstring)."""
+    target: 'auto' (default, ``resolve_target``), 'term' ('joint' for the ``required`` components,
+    'noise' for the others), 'joint' (the prediction of row ``joint_row``), 'noise' (recovered
+    from x_t and the final ``latents``; needs ``schedule``) or 'composed' (see the module docstring)."""
     if record is None or len(record) == 0:
         raise ValueError("record must hold the steps of a sampling run made with record=True")
     preds_all = record.preds if steps is None else record.preds[steps]
@@ -191,6 +206,7 @@ def cached_lift_maps(record: StepRecord, signs: torch.Tensor, *, target: str = "
     K, R, C = signs.shape[0], preds_all[0].shape[0], preds_all[0].shape[2]
     if K < 1:
         raise ValueError("signs must hold one weight per component (K >= 1)")
+    target = resolve_target(target, required, K)
     _check_target(target, joint_row, K, R, required)
     if target == "term":
         kw = dict(latents=latents, schedule=schedule, steps=steps, chunk=chunk)
@@ -251,18 +267,19 @@ def evenly_spaced_trials(num_steps: int, n_trials: int, shape: tuple[int, ...], 
 
 @torch.no_grad()
 def fixed_lift_maps(pipe, latents: torch.Tensor, embeddings, signs: torch.Tensor, *, n_trials: int = 200,
-                    seed: int = 0, target: str = "joint", joint_row: int | None = None,
+                    seed: int = 0, target: str = "auto", joint_row: int | None = None,
                     required: Sequence[int] | None = None, chunk_trials: int = 25,
                     chunk_size: int | None = None) -> LiftMaps:
     """The public text-to-image estimator, batched: ``n_trials`` evenly spaced t with a fixed noise
     bank (``evenly_spaced_trials``), every condition row of ``embeddings`` evaluated at each trial,
-    the joint caption's prediction (row ``joint_row``, the public code's full prompt), the noise,
-    the composed prediction, or per term ('term': joint for the ``required`` components, noise
+    'auto' (``resolve_target``), the joint caption's prediction (row ``joint_row``, the public
+    code's full prompt), the noise, the composed prediction, or per term ('term': joint for the ``required`` components, noise
     for the others, from the same trials) as target; signs (K,) give the K components (rows 1..K). Each
     chunk of trials is one batched call of R x chunk_trials x B rows (``chunk_size`` caps the
     rows per UNet call); nothing leaves the device."""
     signs = torch.as_tensor(signs, dtype=torch.float32).flatten()
     K = signs.shape[0]
+    target = resolve_target(target, required, K)
     _check_target(target, joint_row, K, len(embeddings), required)
     B, S = latents.shape[0], tuple(latents.shape[1:])
     ts, bank = evenly_spaced_trials(pipe.schedule.num_steps, n_trials, S, seed=seed)

@@ -1,0 +1,60 @@
+"""The default target of the image lift maps ('auto'): which target each expression gets, and
+that its NOT can both fail and pass on synthetic records whose answer is known."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compkern.models.schedule import NoiseSchedule
+from compkern.pipelines import accept, cached_lift_maps, parse_composition
+from compkern.pipelines.lift_maps import resolve_target
+from compkern.samplers.composed import StepRecord
+
+
+@pytest.mark.parametrize("text, target", [
+    ("a cat AND a dog", "joint"),  # a pure AND: the public code's full prompt
+    ("a cat AND a dog AND a bird", "joint"),
+    ("a cat", "noise"),  # its joint would be the component itself: a lift that cannot fail
+    ("a cat AND NOT a dog", "noise"),
+    ("a cat AND a dog AND NOT a bird", "noise"),
+    ("a cat OR a dog", "noise"),
+    ("a cat AND (a dog OR a bird)", "noise"),
+])
+def test_auto_target_by_expression(text, target):
+    comp = parse_composition(text)
+    assert resolve_target("auto", comp.expression.required(), comp.K) == target
+    assert resolve_target("joint", None, comp.K) == "joint"  # an explicit target is kept
+    with pytest.raises(ValueError, match="required"):
+        resolve_target("auto", None, comp.K)
+
+
+def _record(b_drawn: bool, *, seed: int = 0) -> tuple[StepRecord, torch.Tensor, NoiseSchedule]:
+    """A's signal in the left half; B's in the right half when ``b_drawn``, else nowhere (its
+    prediction is the null's). Rows: [null, A, B]."""
+    sched = NoiseSchedule.cosine(1000)
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = 1, 4, 8, 8
+    x0 = torch.randn(B, C, H, W, generator=g)
+    left = torch.zeros(1, 1, 1, W, dtype=torch.bool)
+    left[..., : W // 2] = True
+    rec = StepRecord()
+    for t in range(950, 0, -50):
+        noise = torch.randn(B, C, H, W, generator=g)
+        x_t = sched.add_noise(x0, noise, torch.full((B,), t))
+        e0 = noise + torch.randn(B, C, H, W, generator=g)
+        eA = torch.where(left, noise, e0)
+        eB = torch.where(left, e0, noise) if b_drawn else e0
+        rec.x_t.append(x_t)
+        rec.t.append(torch.full((B,), t))
+        rec.preds.append(torch.stack([e0, eA, eB]))
+    return rec, x0, sched
+
+
+@pytest.mark.parametrize("b_drawn", [True, False])
+def test_not_fails_and_passes_at_the_defaults(b_drawn):
+    comp = parse_composition("a A AND NOT a B")
+    rec, x0, sched = _record(b_drawn)
+    maps = cached_lift_maps(rec, torch.tensor(comp.signs), required=comp.expression.required(), latents=x0,
+                            schedule=sched)
+    assert maps.targets == ("noise", "noise")
+    assert bool(accept(comp, maps)[0]) is (not b_drawn)
