@@ -13,7 +13,7 @@ COMMANDS = {
     "coind": ("compkern.experiments.coind", "CoInD on colored digits: train, sample, evaluate JSD and conformity"),
     "sepen": ("compkern.experiments.sepen", "Separate-and-Enhance on a procedural shapes world: train, finetune, evaluate"),
     "positions": ("compkern.experiments.positions", "multi-object positions: compose 1..5 objects, MCMC, CompLift"),
-    "generate": ("compkern.pipelines.generate", "Stable Diffusion composed generation with CompLift rejection"),
+    "generate": ("compkern.experiments.generate", "Stable Diffusion composed generation with CompLift rejection"),
     "main-job": ("compkern.experiments.main_job", "the main job measured end to end on a trained shapes world (also `bench main-job`)"),
 }
 

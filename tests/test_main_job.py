@@ -11,6 +11,7 @@ import torch
 from compkern.cli import main
 from compkern.data import shapes
 from compkern.experiments import main_job as MJ
+from compkern.models.detector import ShapeDetector
 from compkern.utils.checkpoint import atomic_save, atomic_write_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,12 +20,12 @@ TINY = ["--prompts", "1", "--n", "2", "--ref-n", "1", "--ref-trials", "2", "--pu
 
 
 def _world(path, extra: float = 0.5):
-    from compkern.experiments.sepen import build_components
+    from compkern.models.shapes import build_components
 
     build_components(naming="nouns").save_pretrained(path / "base" / "model")
     atomic_write_json(shapes.ShapesWorld(pair_fraction=0.02, naming="nouns", extra_fraction=extra).to_dict(),
                       path / "world.json")
-    atomic_save({"state_dict": shapes.ShapeDetector().state_dict()}, path / "detector.pt")
+    atomic_save({"state_dict": ShapeDetector().state_dict()}, path / "detector.pt")
     return path
 
 

@@ -16,7 +16,7 @@ import torch
 
 from compkern.ops import combine_eps
 from compkern.pipelines import CompositionPipeline, LiftMaps, accept, cached_lift_maps, parse_composition
-from compkern.pipelines import generate as gen
+from compkern.experiments import generate as gen
 from compkern.pipelines.lift_maps import overlay, save_overlays
 from compkern.pipelines.tiny import save_tiny_pipeline
 
@@ -229,14 +229,14 @@ def test_cached_lift_maps_match_the_definition(sd):
     # the default 'term' target: car and clock (required) against the joint, the dog against the noise
     required = out.composition.expression.required()
     assert required == [0, 1]
-    term = cached_lift_maps(out.record, signs, joint_row=out.composition.joint_row, required=required,
-                            latents=out.latents, schedule=sd.schedule)
+    term = cached_lift_maps(out.record, signs, target="term", joint_row=out.composition.joint_row,
+                            required=required, latents=out.latents, schedule=sd.schedule)
     assert term.targets == ("joint", "joint", "noise")
     torch.testing.assert_close(term.pixel_lift[:2], joint.pixel_lift[:2])
     torch.testing.assert_close(term.pixel_lift[2], noise.pixel_lift[2])
     with pytest.raises(ValueError, match="required"):
-        cached_lift_maps(out.record, signs, joint_row=out.composition.joint_row, latents=out.latents,
-                         schedule=sd.schedule)
+        cached_lift_maps(out.record, signs, target="term", joint_row=out.composition.joint_row,
+                         latents=out.latents, schedule=sd.schedule)
 
 
 def test_fixed_and_fresh_trials(sd):
@@ -256,7 +256,7 @@ def test_fixed_and_fresh_trials(sd):
         tgt = p[0] + (signs.double()[:, None, None, None, None] * (p[1:] - p[:1])).sum(0)
         ref += ((tgt - p[0]).square() - (tgt - p[1:]).square()).mean(2) / 5
     torch.testing.assert_close(maps.pixel_lift.double(), ref, atol=1e-6, rtol=1e-4)
-    joint = fixed_lift_maps(sd, x0, emb, signs, n_trials=5, chunk_trials=5, joint_row=comp.joint_row)
+    joint = fixed_lift_maps(sd, x0, emb, signs, n_trials=5, chunk_trials=5, target="joint", joint_row=comp.joint_row)
     ref = torch.zeros(2, 2, 8, 8, dtype=torch.float64)
     for i in range(5):
         t = ts[i].expand(2)
@@ -457,7 +457,7 @@ def test_torchrun_two_gloo_processes_share_one_global_target(sd_path, tmp_path):
 @pytest.fixture(scope="module")
 def pixel_path(tmp_path_factory):
     """A pixel-space text-to-image folder without vae/: the shapes world's layout (`compkern sepen train`)."""
-    from compkern.experiments.sepen import build_components
+    from compkern.models.shapes import build_components
 
     path = tmp_path_factory.mktemp("pixel") / "model"
     build_components(naming="nouns").save_pretrained(path)

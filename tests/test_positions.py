@@ -11,7 +11,12 @@ from compkern.data.clevr import (BACKGROUND, NULL, OBJECT, background_cond, dete
                                  position_cond, render_scenes, sample_positions, training_batch)
 from compkern.experiments import positions as P
 from compkern.lift.fixed_t import fixed_t_lift
-from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, build_position_model, position_map
+from compkern.lift.positions import accept_positions
+from compkern.models.position_unet import (PositionEnergyUNet, PositionUNet, build_position_model, position_map,
+                                           position_schedule)
+from compkern.samplers.compositions import compose_positions, position_conditions
+from compkern.train.positions import heldout_loss, load_run, train_position_model
+from compkern.utils.checkpoint import load
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
@@ -88,12 +93,12 @@ def test_position_unet_shapes_and_errors():
         m(x, t, c + torch.tensor([0.0, 0.0, 5.0]))
     with pytest.raises(ValueError, match="x_t"):
         m(torch.randn(3, 1, 16, 16), t, c)
-    same = build_position_model(m.config, P.schedule())
+    same = build_position_model(m.config, position_schedule())
     assert isinstance(same, PositionUNet) and same.config == m.config
 
 
 def test_energy_unet_eps_is_gradient():
-    sch = P.schedule()
+    sch = position_schedule()
     torch.manual_seed(0)
     m = PositionEnergyUNet(sch, channels=(8, 16))
     for p in m.parameters():
@@ -121,23 +126,23 @@ def _perturbed(model, seed=0):
 
 def test_composition_conds_layout():
     pos = torch.rand(4, 3, 2)
-    c = P.composition_conds(pos, "background")
+    c = position_conditions(pos, "background")
     assert c.shape == (4, 4, 3)
     assert torch.equal(c[0], background_cond().expand(4, 3))
     assert torch.equal(c[2, :, :2], pos[:, 1]) and (c[1:, :, 2] == OBJECT).all()
-    assert torch.equal(P.composition_conds(pos, "null")[0], null_cond().expand(4, 3))
+    assert torch.equal(position_conditions(pos, "null")[0], null_cond().expand(4, 3))
     with pytest.raises(ValueError, match="base"):
-        P.composition_conds(pos, "empty")
+        position_conditions(pos, "empty")
 
 
 @pytest.mark.parametrize("method,energy", [("reverse", False), ("ula", False), ("reverse", True), ("ula", True),
                                            ("mala", True), ("hmc", True)])
 def test_every_sampler_runs(method, energy):
-    sch = P.schedule()
+    sch = position_schedule()
     model = _perturbed(PositionEnergyUNet(sch, channels=(8, 16)) if energy else PositionUNet(channels=(8, 16)))
     B, n, steps = 2, 2, 3
     pos = sample_positions(B, n, generator=torch.Generator().manual_seed(0))
-    r = P.compose_sample(model, pos, method=method, base="background", steps=steps, mcmc_steps=1, leapfrog=2,
+    r = compose_positions(model, pos, method=method, base="background", steps=steps, mcmc_steps=1, leapfrog=2,
                          size=8, generator=torch.Generator().manual_seed(1))
     assert r["x"].shape == (B, 3, 8, 8) and torch.isfinite(r["x"]).all()
     rows = (n + 1) * B
@@ -151,36 +156,36 @@ def test_every_sampler_runs(method, energy):
 def test_mala_needs_energy():
     pos = torch.rand(1, 1, 2)
     with pytest.raises(ValueError, match="energ"):
-        P.compose_sample(PositionUNet(channels=(8, 16)), pos, method="mala", steps=2, size=8)
+        compose_positions(PositionUNet(channels=(8, 16)), pos, method="mala", steps=2, size=8)
 
 
 def test_complift_fixed_adaptive_public():
     model = _perturbed(PositionUNet(channels=(8, 16)))
     pos = sample_positions(3, 2, generator=torch.Generator().manual_seed(0))
     x = render_scenes(pos, size=8, generator=torch.Generator().manual_seed(0))
-    fixed = P.complift_accept(model, x, pos, mode="fixed", n_trials=4, generator=torch.Generator().manual_seed(0))
+    fixed = accept_positions(model, x, pos, mode="fixed", n_trials=4, generator=torch.Generator().manual_seed(0))
     assert fixed["accept"].shape == (3,) and fixed["accept"].dtype == torch.bool
     assert fixed["n_evals"] == 4 * 3 * 3  # trials x (null + 2 objects) x samples
-    ad = P.complift_accept(model, x, pos, mode="adaptive", n_trials=8, generator=torch.Generator().manual_seed(0))
+    ad = accept_positions(model, x, pos, mode="adaptive", n_trials=8, generator=torch.Generator().manual_seed(0))
     assert ad["accept"].shape == (3,) and 0 < ad["n_evals"] <= 8 * 3 * 3
-    bg = P.complift_accept(model, x, pos, mode="fixed", n_trials=4, lift_base="background",
+    bg = accept_positions(model, x, pos, mode="fixed", n_trials=4, lift_base="background",
                            generator=torch.Generator().manual_seed(0))
     assert bg["n_evals"] == fixed["n_evals"]
-    pub = P.complift_accept(model, x, pos, mode="public", lift_t=[928], generator=torch.Generator().manual_seed(5))
+    pub = accept_positions(model, x, pos, mode="public", lift_t=[928], generator=torch.Generator().manual_seed(5))
     assert pub["n_evals"] == 1 * 3 * 3
-    ref = fixed_t_lift(model, x, position_cond(pos).transpose(0, 1), null_cond(), P.schedule(), timesteps=[928],
+    ref = fixed_t_lift(model, x, position_cond(pos).transpose(0, 1), null_cond(), position_schedule(), timesteps=[928],
                        generator=torch.Generator().manual_seed(5))
     assert torch.equal(pub["accept"], (ref.lift > 0).all(0))  # reject when any component's lift <= 0
     with pytest.raises(ValueError, match="lift_base"):
-        P.complift_accept(model, x, pos, mode="fixed", n_trials=4, lift_base="empty")
+        accept_positions(model, x, pos, mode="fixed", n_trials=4, lift_base="empty")
     with pytest.raises(ValueError, match="mode"):
-        P.complift_accept(model, x, pos, mode="cached")
+        accept_positions(model, x, pos, mode="cached")
 
 
 # -- the public one-trial scorer -----------------------------------------------------------------------
 def _hand_lift(model, x0, conds, null, t, eps):
     """sum_S (eps - eps(x_t, null))^2 - (eps - eps(x_t, c_k))^2 at one t with the given noise (K, B)."""
-    sch = P.schedule()
+    sch = position_schedule()
     B = x0.shape[0]
     ab = sch.alphas_cumprod[t].float()
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps.expand_as(x0)
@@ -197,17 +202,17 @@ def test_fixed_t_lift_matches_hand_computation():
     conds = position_cond(pos).transpose(0, 1).contiguous()  # (K=2, B=4, 3)
     eps = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(3))  # ONE noise for every sample and row
     for ref in (null_cond(), background_cond()):
-        res = fixed_t_lift(model, x0, conds, ref, P.schedule(), generator=torch.Generator().manual_seed(3))
+        res = fixed_t_lift(model, x0, conds, ref, position_schedule(), generator=torch.Generator().manual_seed(3))
         assert res.lift.shape == (2, 4) and res.n_evals == 3 * 4 and (res.n_trials == 1).all()
         assert torch.isinf(res.stderr).all()
         torch.testing.assert_close(res.lift, _hand_lift(model, x0, conds, ref, 928, eps), rtol=1e-4, atol=1e-4)
-    two = fixed_t_lift(model, x0, conds, null_cond(), P.schedule(), timesteps=[100, 928],
+    two = fixed_t_lift(model, x0, conds, null_cond(), position_schedule(), timesteps=[100, 928],
                        generator=torch.Generator().manual_seed(3))  # the same noise at both trials
     want = (_hand_lift(model, x0, conds, null_cond(), 100, eps) + _hand_lift(model, x0, conds, null_cond(), 928, eps)) / 2
     torch.testing.assert_close(two.lift, want, rtol=1e-4, atol=1e-4)
     assert two.n_evals == 2 * 3 * 4
     # the noise does not depend on the batch: one sample alone scores as inside the batch
-    one = fixed_t_lift(model, x0[2:3], conds[:, 2:3], null_cond(), P.schedule(), generator=torch.Generator().manual_seed(3))
+    one = fixed_t_lift(model, x0[2:3], conds[:, 2:3], null_cond(), position_schedule(), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(one.lift[:, 0], _hand_lift(model, x0, conds, null_cond(), 928, eps)[:, 2], rtol=1e-4, atol=1e-4)
 
 
@@ -215,7 +220,7 @@ def test_fixed_t_lift_rejects_bad_input():
     model = _perturbed(PositionUNet(channels=(8, 16)))
     x0 = torch.zeros(2, 3, 8, 8)
     conds = position_cond(torch.rand(1, 2, 2))
-    sch = P.schedule()
+    sch = position_schedule()
     for bad in ([1000], [-1], [], 928, [928.0], [True]):
         with pytest.raises(ValueError, match="timesteps"):
             fixed_t_lift(model, x0, conds, null_cond(), sch, timesteps=bad)
@@ -241,11 +246,11 @@ def test_format_table_standard_errors():
 def test_train_resume_and_eval_cli(tmp_path):
     kw = dict(channels=(8, 16))
     run = tmp_path / "eps"
-    hist = P.train_position_model(PositionUNet(**kw), run, size=8, steps=2, batch_size=4, save_every=1, progress=False)
+    hist = train_position_model(PositionUNet(**kw), run, size=8, steps=2, batch_size=4, save_every=1, progress=False)
     assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
-    model, cfg = P.load_run(run)
+    model, cfg = load_run(run)
     again = PositionUNet(**kw)
-    P.train_position_model(again, run, size=8, steps=2, batch_size=4, save_every=1, progress=False)  # finished: loads
+    train_position_model(again, run, size=8, steps=2, batch_size=4, save_every=1, progress=False)  # finished: loads
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     out = tmp_path / "eval.json"
     parser = argparse.ArgumentParser()
@@ -265,7 +270,7 @@ def test_train_resume_and_eval_cli(tmp_path):
     assert P.run(parser.parse_args(argv)) == 0  # resumes: nothing recomputed
     assert out.read_text() == stamp
     samples = tmp_path / "eval_samples" / "eps_reverse_background_2.pt"
-    x_before = P.load(samples)["x"]
+    x_before = load(samples)["x"]
     assert P.run(parser.parse_args(argv + ["--lift", "fixed", "public", "--lift-t", "928"])) == 0  # adds a scorer
     res2 = json.loads(out.read_text())
     row2 = res2["eps:reverse:background:2"]
@@ -273,7 +278,7 @@ def test_train_resume_and_eval_cli(tmp_path):
     assert "lift_public_bg" in row2 and row2["lift_fixed"] == row["lift_fixed"]  # old variants kept as they were
     assert row2["lift_public"]["rejected_correct"] + row2["lift_public"]["rejected_wrong"] + \
         row2["lift_public"]["accepted"] == 2
-    assert torch.equal(P.load(samples)["x"], x_before) and row2["accuracy"] == row["accuracy"]  # not regenerated
+    assert torch.equal(load(samples)["x"], x_before) and row2["accuracy"] == row["accuracy"]  # not regenerated
     other_steps = list(argv)
     other_steps[other_steps.index("--steps") + 1] = "3"
     with pytest.raises(ValueError, match="--out"):  # other generation settings into the same file
@@ -291,10 +296,10 @@ def test_train_resume_and_eval_cli(tmp_path):
 
 def test_heldout_loss_fixed_and_exact_for_zero_output(tmp_path, capsys):
     m = PositionUNet(channels=(8, 16))  # zero-initialized output conv: eps = 0, loss = mean |noise|^2
-    a = P.heldout_loss(m, size=8)
-    assert a == P.heldout_loss(m, size=8)  # fixed scenes, t and noise
+    a = heldout_loss(m, size=8)
+    assert a == heldout_loss(m, size=8)  # fixed scenes, t and noise
     assert abs(a - 3 * 8 * 8) < 0.05 * 3 * 8 * 8  # E|noise|^2 = 192 (chi-square, sd of the mean over 256: 1.2)
-    assert P.heldout_loss(_perturbed(PositionUNet(channels=(8, 16))), size=8) != a
+    assert heldout_loss(_perturbed(PositionUNet(channels=(8, 16))), size=8) != a
     parser = argparse.ArgumentParser()
     P.add_arguments(parser)
     argv = ["train", "--out", str(tmp_path / "r"), "--steps", "2", "--batch", "4", "--size", "8", "--channels", "8", "16",

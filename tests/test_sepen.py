@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from compkern.data import shapes
-from compkern.experiments.sepen import CaptionCache, build_components
+from compkern.models.detector import ShapeDetector, score_samples
+from compkern.models.shapes import build_components
 from compkern.models.unet import SDComponents, UNetEps
 from compkern.samplers import ddim_sample
-from compkern.train.sepen import (AttentionStore, PromptSpec, SepEnConfig, SepEnFinetuner, SepEnGuidance,
+from compkern.train.sepen import (AttentionStore, CaptionCache, PromptSpec, SepEnConfig, SepEnFinetuner, SepEnGuidance,
                                   capture_cross_attention, cross_attention_layers, prompt_losses, token_indices)
 
 TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
@@ -316,13 +317,13 @@ def test_shapes_world_and_scoring():
     present[1, 0] = 1               # one object only: missing
     present[2, [2, 3]] = 1          # two objects, wrong bindings: swapped
     present[3, 0] = 1
-    r = shapes.score_samples(Oracle(present, torch.tensor([2, 1, 2, 1])), torch.zeros(4, 3, 16, 16), prompts)
+    r = score_samples(Oracle(present, torch.tensor([2, 1, 2, 1])), torch.zeros(4, 3, 16, 16), prompts)
     assert r["success"].tolist() == [True, False, False, True]
     assert r["missing"].tolist() == [False, True, False, False]
     assert r["swapped_or_duplicated"].tolist() == [False, False, True, False]
     assert r["detected"].tolist() == [[True, True], [True, False], [False, False], [True, False]]  # past the end: False
-    from compkern.experiments.sepen import score
-    res = score(Oracle(present, torch.tensor([2, 1, 2, 1])), w, torch.zeros(4, 3, 16, 16), prompts)
+    from compkern.train.sepen import success_rates
+    res = success_rates(Oracle(present, torch.tensor([2, 1, 2, 1])), w, torch.zeros(4, 3, 16, 16), prompts)
     assert res["success"] == 0.5 and res["missing"] == 0.25
     assert res["detected_by_position"] == pytest.approx([0.75, 1 / 3])  # 2nd position: over the three pair rows only
 
@@ -345,7 +346,7 @@ def test_noun_naming_and_caption_parsing():
 
 
 def test_frozen_samples_are_cached(tmp_path, monkeypatch):
-    from compkern.experiments import sepen as E
+    from compkern.train import sepen as E
 
     parts = build_components(TINY_UNET, seed=0)
     world = shapes.ShapesWorld()
@@ -372,7 +373,7 @@ def test_sepen_cli_keeps_the_world_of_a_run(tmp_path):
 
     cli("train", "--what", "base", "--steps", "2", "--naming", "nouns", "--pair-fraction", "0")
     assert json.loads((tmp_path / "world.json").read_text())["naming"] == "nouns"
-    atomic_save({"state_dict": shapes.ShapeDetector().state_dict()}, tmp_path / "detector.pt")
+    atomic_save({"state_dict": ShapeDetector().state_dict()}, tmp_path / "detector.pt")
     cli("eval", "--model", "base", "--sets", "single", "--n", "1", "--sample-steps", "2")
     res = json.loads((tmp_path / "eval-base-seed0.json").read_text())
     assert "a red_square" in res["single"]["per_prompt"] and res["single"]["n"] == 9

@@ -10,18 +10,16 @@ Training is resumable (rerun the same command); eval writes eval.json into each 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from compkern.data.digits import ColoredDigits, full_support
-from compkern.models.attribute_unet import AttributeMLP, AttributeUNet
-from compkern.models.schedule import NoiseSchedule
-from compkern.train.coind import (CoInDTrainer, compose_sample, conformity_score, implicit_jsd,
-                                  train_attribute_classifier)
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
+from compkern.models.attribute_unet import AttributeMLP
+from compkern.train.coind import (CoInDTrainer, build_digits_model, coind_schedule, compose_sample, conformity_score,
+                                  implicit_jsd, load_or_train_classifier, load_run)
+from compkern.utils.checkpoint import atomic_write_json, load
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,10 +78,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-def _schedule() -> NoiseSchedule:
-    return NoiseSchedule.ddpm_linear(1000)
-
-
 def run_toy(args) -> dict:
     """Appendix E.1 (the reference notebook's layout): z in {0,1}^2, x = (2 z - 1) + sigma N(0, I), i.e.
     modes at (+-1, +-1); train on the three combinations other than z = (1, 1); sample (1, 1)
@@ -91,7 +85,7 @@ def run_toy(args) -> dict:
     samples within 3 sigma of (1, 1)."""
     seen = torch.tensor([[0, 0], [0, 1], [1, 0]])
     target = torch.tensor([1.0, 1.0])
-    sched = _schedule()
+    sched = coind_schedule()
     rows = []
     for seed in args.seeds:
         for lam in args.lam:
@@ -133,17 +127,13 @@ def run_toy(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-def _build_model(cfg: dict) -> AttributeUNet:
-    return AttributeUNet([cfg["digits"], cfg["colors"]], channels=cfg["channels"], attention=cfg["attention"])
-
-
 def run_train(args) -> None:
     cfg = {"kind": "digits", "support": args.support, "size": args.size, "digits": args.digits, "colors": args.colors,
            "channels": list(args.channels), "attention": not args.no_attention}
     torch.manual_seed(args.seed)
-    model = _build_model(cfg)
+    model = build_digits_model(cfg)
     data = ColoredDigits(size=args.size, n_digits=args.digits, n_colors=args.colors, support=args.support, split="train")
-    tr = CoInDTrainer(model, _schedule(), data.sample, model.null, args.out, lam=args.lam, p_drop=args.p_drop,
+    tr = CoInDTrainer(model, coind_schedule(), data.sample, model.null, args.out, lam=args.lam, p_drop=args.p_drop,
                       masking=args.masking, batch=args.batch, ci_batch=args.ci_batch, lr=args.lr, seed=args.seed,
                       save_every=args.save_every, config=cfg, progress=not args.no_progress)
     t0 = time.process_time()
@@ -155,40 +145,13 @@ def run_train(args) -> None:
               f"last log {tr.trainer.history[-1]}")
 
 
-def load_run(run: str | Path) -> tuple[AttributeUNet, dict]:
-    run = Path(run)
-    cfg = json.loads((run / "config.json").read_text())
-    model = _build_model(cfg)
-    model.load_state_dict(load(run / "checkpoint.pt")["modules"]["ema"])
-    return model.eval(), cfg
-
-
-def _classifier(path: str, cfg: dict):
-    path = Path(path.format(size=cfg["size"]))
-    full = ColoredDigits(size=cfg["size"], n_digits=cfg["digits"], n_colors=cfg["colors"], support="full", split="train")
-    if path.exists():
-        from compkern.train.coind import AttributeClassifier
-        st = load(path)
-        clf = AttributeClassifier(**st["config"])
-        clf.load_state_dict(st["state"])
-        return clf.eval(), st["test_acc"]
-    with torch.enable_grad():
-        clf = train_attribute_classifier(full.sample, full.n_values, steps=1500, progress=False)
-    test = ColoredDigits(size=cfg["size"], n_digits=cfg["digits"], n_colors=cfg["colors"], support="full", split="test")
-    g = torch.Generator().manual_seed(99)
-    labels = torch.cartesian_prod(torch.arange(cfg["digits"]), torch.arange(cfg["colors"])).repeat(40, 1)
-    cs, acc = conformity_score(clf, test.render(labels, g), labels)
-    atomic_save({"config": clf.config, "state": clf.state_dict(), "test_acc": {"cs": cs, "acc": acc}}, path)
-    return clf, {"cs": cs, "acc": acc}
-
-
 @torch.no_grad()
 def run_eval(args) -> list[dict]:
     results = []
-    sched = _schedule()
+    sched = coind_schedule()
     for run in args.runs:
         model, cfg = load_run(run)
-        clf, clf_acc = _classifier(args.classifier, cfg)
+        clf, clf_acc = load_or_train_classifier(args.classifier, cfg)
         part = ColoredDigits(size=cfg["size"], n_digits=cfg["digits"], n_colors=cfg["colors"], support=cfg["support"])
         # the evaluation split is always the partial rule's: "unseen" = held out from partial-support training
         ref = ColoredDigits(size=cfg["size"], n_digits=cfg["digits"], n_colors=cfg["colors"], support="partial", split="test")
@@ -236,7 +199,7 @@ def run_eval(args) -> list[dict]:
 def run_sample(args) -> None:
     model, cfg = load_run(args.run)
     q = torch.tensor([[args.digit, args.color]]).repeat(args.n, 1)
-    x = compose_sample(model, _schedule(), q, model.null, args.weight, (3, cfg["size"], cfg["size"]),
+    x = compose_sample(model, coind_schedule(), q, model.null, args.weight, (3, cfg["size"], cfg["size"]),
                        generator=torch.Generator().manual_seed(args.seed))
     import matplotlib
     matplotlib.use("Agg")

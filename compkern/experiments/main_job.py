@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from compkern.data import shapes
+from compkern.models.detector import DETECTION_THRESHOLD
 from compkern.pipelines import lift_maps as LM
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, check_run_folder, load
 
@@ -93,7 +94,7 @@ def judge(detector, images: torch.Tensor, objs: list[int], expression) -> tuple[
     detector's presence at DETECTION_THRESHOLD, combined by the expression."""
     with torch.no_grad():
         prob = detector(images.clamp(-1, 1).float())[0].sigmoid()
-    present = prob[:, objs].T > shapes.DETECTION_THRESHOLD
+    present = prob[:, objs].T > DETECTION_THRESHOLD
     return expression.accept(present.float() - 0.5), present
 
 
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from tqdm.auto import tqdm
 
-    from compkern.experiments.sepen import load_detector, load_world
+    from compkern.train.sepen import load_detector, load_world
     from compkern.pipelines.composition import CompositionPipeline
 
     for name in ("n", "prompts", "steps", "public_trials", "ref_trials"):

@@ -25,17 +25,18 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from compkern.data.clevr import (background_cond, null_cond, position_accuracy, position_cond, sample_positions,
-                                 training_batch)
-from compkern.lift.fixed_t import PUBLIC_CLEVR_T, fixed_t_lift
-from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, build_position_model
-from compkern.models.schedule import NoiseSchedule
-from compkern.train.loop import Trainer, warmup_cosine
+from compkern.data.clevr import position_accuracy, sample_positions
+from compkern.lift.fixed_t import PUBLIC_CLEVR_T
+from compkern.lift.positions import LIFT_MODES, accept_positions
+from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, position_schedule
+from compkern.samplers.compositions import POSITION_MCMC_STEP as DEFAULT_STEP
+from compkern.samplers.compositions import POSITION_METHODS as METHODS
+from compkern.samplers.compositions import compose_positions
+from compkern.train.positions import heldout_loss, load_run, train_position_model
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 
@@ -113,81 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gr.add_argument("--per-cell", type=int, default=2)
 
 
-# -- training -------------------------------------------------------------------------------------
-def schedule() -> NoiseSchedule:
-    """The noise schedule of every positions model: cosine, 1000 steps."""
-    return NoiseSchedule.cosine(1000)
-
-
-SAMPLE_T_MAX = 970
-
-
-def sampling_schedule() -> NoiseSchedule:
-    """The training schedule cut at t < SAMPLE_T_MAX (abar_max = 2.2e-3 instead of 2.4e-9): at
-    the cosine schedule's last step x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) multiplies the eps
-    error by 2e4, which without x0 clipping throws samples far outside [-1, 1]. Every sampler
-    (reverse diffusion and the annealed MCMC levels) starts from N(0, I) at t = SAMPLE_T_MAX - 1."""
-    return NoiseSchedule(schedule().betas[:SAMPLE_T_MAX])
-
-
-def train_position_model(model: torch.nn.Module, out_dir: str | Path, *, size: int = 24, steps: int = 2000,
-                         batch_size: int = 32, lr: float = 1e-3, p_empty: float = 0.15, p_uncond: float = 0.1,
-                         seed: int = 0, save_every: int = 100, progress: bool = True) -> list[dict]:
-    """Denoising training on freshly rendered scenes (every batch is new data): |eps - model(x_t, t, c)|^2,
-    c = the object's position, BACKGROUND for empty scenes, NULL with probability ``p_uncond``.
-    AdamW, warmup then cosine decay to 10% of ``lr``; resumes from ``out_dir``."""
-    sch = schedule()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    def step_fn(step: int, g: torch.Generator) -> dict:
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, lr=lr, steps=steps)
-        x0, c = training_batch(batch_size, size=size, p_empty=p_empty, generator=g)
-        c[torch.rand(batch_size, generator=g) < p_uncond] = null_cond()
-        t = torch.randint(0, sch.num_steps, (batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        loss = (model(sch.add_noise(x0, noise, t), t, c) - noise).pow(2).flatten(1).sum(1).mean()
-        return {"loss": loss}
-
-    config = {"model": model.config, "size": size, "steps": steps, "batch_size": batch_size, "lr": lr,
-              "p_empty": p_empty, "p_uncond": p_uncond, "schedule": "cosine1000"}
-    trainer = Trainer(out_dir, {"model": model}, opt, step_fn, config=config, seed=seed, save_every=save_every,
-                      log_every=max(1, min(50, steps // 10)), desc=f"train {Path(out_dir).name}", progress=progress)
-    history = trainer.fit(steps)
-    model.eval()
-    return history
-
-
-def heldout_loss(model: torch.nn.Module, *, size: int = 24, n: int = 256, seed: int = 12345,
-                 chunk_size: int = 128) -> float:
-    """The training loss mean |eps - model(x_t, t, c)|^2 (summed over pixels) on n fixed scenes with
-    fixed t and noise (``seed``), the same for every model: losses of runs compare directly."""
-    g = torch.Generator().manual_seed(seed)
-    x0, c = training_batch(n, size=size, p_empty=0.15, generator=g)
-    sch = schedule()
-    t = torch.randint(0, sch.num_steps, (n,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    x_t = sch.add_noise(x0, noise, t)
-    total = 0.0
-    for s in range(0, n, chunk_size):
-        with torch.no_grad():
-            eps = model(x_t[s:s + chunk_size], t[s:s + chunk_size], c[s:s + chunk_size])
-        total += float((eps.detach() - noise[s:s + chunk_size]).pow(2).flatten(1).sum(1).sum())
-    return total / n
-
-
-def load_run(run: str | Path) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, config) from a training folder."""
-    run = Path(run)
-    cfg = json.loads((run / "config.json").read_text())
-    model = build_position_model(cfg["model"], schedule())
-    model.load_state_dict(load(run / "checkpoint.pt")["modules"]["model"])
-    model.eval()
-    return model, cfg
-
-
+# -- actions ----------------------------------------------------------------------------------------
 def _train(args) -> int:
     kw = dict(channels=tuple(args.channels), attention=args.attention)
-    model = PositionEnergyUNet(schedule(), **kw) if args.energy else PositionUNet(**kw)
+    model = PositionEnergyUNet(position_schedule(), **kw) if args.energy else PositionUNet(**kw)
     t0 = time.time()
     hist = train_position_model(model, args.out, size=args.size, steps=args.steps, batch_size=args.batch, lr=args.lr,
                                 p_empty=args.p_empty, p_uncond=args.p_uncond, seed=args.seed,
@@ -196,93 +126,6 @@ def _train(args) -> int:
     print(f"trained {args.out}: step {args.steps}, mean of the last {len(last)} logged losses {sum(last) / len(last):.4g}, "
           f"held-out loss {heldout_loss(model, size=args.size):.4g} ({time.time() - t0:.0f} s this run)")
     return 0
-
-
-# -- composition and sampling ---------------------------------------------------------------------
-METHODS = {"reverse": "reverse diffusion", "ula": "annealed ULA", "mala": "annealed MALA", "hmc": "annealed HMC"}
-DEFAULT_STEP = {"ula": 0.1, "mala": 0.1, "hmc": 0.3}  # MALA / HMC acceptance ~0.9-1 at half these (tuning log)
-
-
-def composition_conds(positions: torch.Tensor, base: str) -> torch.Tensor:
-    """positions (B, n, 2) -> condition-major (n + 1, B, 3): the base row (null or background),
-    then one object row per position."""
-    if base not in ("null", "background"):
-        raise ValueError(f"base must be 'null' or 'background', got {base!r}")
-    positions = torch.as_tensor(positions, dtype=torch.float32)
-    if positions.dim() != 3 or positions.shape[-1] != 2:
-        raise ValueError(f"positions must have shape (B, n, 2), got {tuple(positions.shape)}")
-    B = positions.shape[0]
-    b = (null_cond() if base == "null" else background_cond()).expand(1, B, 3)
-    return torch.cat([b, position_cond(positions).transpose(0, 1)])
-
-
-def compose_sample(model, positions: torch.Tensor, *, method: str = "reverse", base: str = "background",
-                   scale: float = 1.0, steps: int = 50, eta: float = 1.0, mcmc_steps: int = 2,
-                   step_size: float | None = None, leapfrog: int = 3, size: int = 24, clip_x0: float | None = None,
-                   chunk_size: int | None = None, progress: bool = False,
-                   generator: torch.Generator | None = None) -> dict:
-    """Sample B scenes, scene b with objects at positions[b] (B, n, 2), by composing the
-    one-object model. Returns {"x": (B, 3, size, size), "n_evals": model rows, "accept": mean
-    Metropolis acceptance or None, "step_sizes": the MCMC step per level (list) or None}. n = 0
-    samples the base condition alone. ``chunk_size`` caps the rows per model call (on a CPU ~128
-    rows run faster per row than one large call); ``clip_x0`` clamps the predicted x0."""
-    from compkern.samplers import ComposedEps, annealed_mcmc, ddim_sample
-    from compkern.samplers.compositions import LinearComposition
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    conds = composition_conds(positions, base)
-    B, n = positions.shape[0], positions.shape[1]
-    sch = sampling_schedule()
-    x_T = torch.randn(B, 3, size, size, generator=generator)
-    with torch.no_grad():
-        if method == "reverse":
-            fn = ComposedEps(model, conds, torch.full((n,), float(scale)), chunk_size=chunk_size)
-            x = ddim_sample(fn, x_T, sch, num_steps=steps, eta=eta, clip_x0=clip_x0, generator=generator,
-                            progress=progress)
-            return {"x": x, "n_evals": fn.n_evals, "accept": None, "step_sizes": None}
-        comp = LinearComposition(model, conds, [1.0 - n * scale] + [float(scale)] * n, chunk_size=chunk_size)
-        res = annealed_mcmc(comp, x_T, sch, kind=method, num_levels=steps, steps_per_level=mcmc_steps,
-                            step_size=DEFAULT_STEP[method] if step_size is None else step_size,
-                            leapfrog_steps=leapfrog, clip_x0=clip_x0, generator=generator, progress=progress)
-        return {"x": res.x, "n_evals": res.n_evals, "accept": res.mean_accept,
-                "step_sizes": res.step_sizes.tolist()}
-
-
-LIFT_MODES = ("fixed", "adaptive", "public")
-
-
-def complift_accept(lift_model, x: torch.Tensor, positions: torch.Tensor, *, mode: str = "fixed", n_trials: int = 24,
-                    lift_t: Sequence[int] = (PUBLIC_CLEVR_T,), lift_base: str = "null", chunk_size: int | None = None,
-                    generator: torch.Generator | None = None) -> dict:
-    """CompLift's rejection of scenes x (B, 3, H, W) with objects requested at positions (B, n, 2):
-    keep a scene when the lift of every requested object is > 0, taken against ``lift_base``: "null"
-    (CompLift: log p(x|y) - log p(x)) or "background" (log p(x|y) - log p(x|empty scene)).
-    mode "fixed": ``n_trials`` uniform-t trials each (compkern.lift.estimate_lift); "adaptive": stop
-    per sample once the AND is certain at z = 2, at most ``n_trials`` per object; "public": the public
-    CLEVR scorer, one trial per entry of ``lift_t`` with one noise shared by every sample and
-    condition (compkern.lift.fixed_t). Returns {"accept": (B,) bool, "n_evals": model rows}."""
-    from compkern.lift import estimate_lift, parse
-
-    if mode not in LIFT_MODES:
-        raise ValueError(f"mode must be one of {LIFT_MODES}, got {mode!r}")
-    if lift_base not in ("null", "background"):
-        raise ValueError(f"lift_base must be 'null' or 'background', got {lift_base!r}")
-    n = positions.shape[1]
-    if n == 0:
-        return {"accept": torch.ones(x.shape[0], dtype=torch.bool), "n_evals": 0}
-    conds = position_cond(positions).transpose(0, 1).contiguous()  # (n, B, 3)
-    expr = parse(" AND ".join(f"o{i}" for i in range(n)))
-    ref = null_cond() if lift_base == "null" else background_cond()
-    if mode == "public":
-        res = fixed_t_lift(lift_model, x, conds, ref, schedule(), timesteps=list(lift_t), chunk_size=chunk_size,
-                           generator=generator)
-    else:
-        adaptive = mode == "adaptive"
-        res = estimate_lift(lift_model, x, conds, ref, schedule(), n_trials=n_trials, adaptive=adaptive,
-                            expr=expr if adaptive else None, z=2.0, min_trials=4, chunk_trials=4 if adaptive else 8,
-                            chunk_size=chunk_size, generator=generator)
-    return {"accept": expr.accept(res.lift), "n_evals": int(res.n_evals)}
 
 
 def _parse_cell(spec: str) -> tuple[str, str, str]:
@@ -360,7 +203,7 @@ def _eval(args) -> int:
             _check_same(row, gen, f"cell {key}", out)
         if row is None or not sample_file.exists():
             t0 = time.time()
-            r = compose_sample(models[kind], positions, method=method, base=base, scale=args.scale, steps=args.steps,
+            r = compose_positions(models[kind], positions, method=method, base=base, scale=args.scale, steps=args.steps,
                                eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size,
                                leapfrog=args.leapfrog, size=size, clip_x0=args.clip_x0, chunk_size=args.chunk_size,
                                progress=not args.no_progress, generator=g)
@@ -383,7 +226,7 @@ def _eval(args) -> int:
                 _check_same(row[vkey], vcfg, f"{key} {vkey}", out)
                 continue
             t0 = time.time()
-            lr = complift_accept(lift_model, x, positions, mode=mode, n_trials=vcfg.get("trials", 0),
+            lr = accept_positions(lift_model, x, positions, mode=mode, n_trials=vcfg.get("trials", 0),
                                  lift_t=args.lift_t, lift_base=lift_base, chunk_size=args.chunk_size,
                                  generator=torch.Generator().manual_seed(args.seed + 7))
             acc = lr["accept"]
@@ -512,7 +355,7 @@ def _sample(args) -> int:
     model, cfg = load_run(args.run)
     g = torch.Generator().manual_seed(args.seed)
     positions = sample_positions(args.n, args.objects, generator=g)
-    r = compose_sample(model, positions, method=args.method, base=args.base, scale=args.scale, steps=args.steps,
+    r = compose_positions(model, positions, method=args.method, base=args.base, scale=args.scale, steps=args.steps,
                        eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size, leapfrog=args.leapfrog,
                        size=cfg["size"], clip_x0=args.clip_x0, generator=g)
     correct = position_accuracy(r["x"], positions)

@@ -10,6 +10,9 @@ Everything lives under --out: world.json (the world's pair fraction, split and n
 by `train` and read by every later action), base/ (the Trainer folder of the base model),
 base/model/ (its Stable-Diffusion-style save_pretrained folder: unet/ text_encoder/ tokenizer/
 scheduler/), detector.pt, finetune-<name>/ (Trainer folder + model/), eval-<model>-seed<seed>.json.
+
+The library side (base training, the run folder's readers, sampling, scoring, finetuning) is
+``compkern.train.sepen``; the models are ``compkern.models.shapes`` and ``compkern.models.detector``.
 """
 from __future__ import annotations
 
@@ -21,254 +24,19 @@ from pathlib import Path
 import torch
 
 from compkern.data import shapes
-from compkern.models.schedule import NoiseSchedule
-from compkern.models.unet import SDComponents, UNetEps
-from compkern.train.loop import Trainer
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
-
-UNET_CONFIG = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                   cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8)
-"""1.0M parameters; cross-attention only at 8x8 (down, mid, up: 4 attn2 layers), 2 heads of 32."""
+from compkern.models.detector import OUTCOMES, ShapeDetector, score_samples
+from compkern.models.shapes import build_components
+from compkern.models.unet import SDComponents
+from compkern.train.detector import train_detector
+from compkern.train.sepen import (PROMPT_SETS, export_base, finetune, load_detector, load_model, load_world, noun_maps,
+                                  sample, success_rates, train_base)
+from compkern.utils.checkpoint import atomic_save, atomic_write_json
 
 
-def build_components(unet_config: dict | None = None, *, seed: int = 0, prediction_type: str = "v_prediction",
-                     text_dim: int | None = None, naming: str = "attributes") -> SDComponents:
-    """A fresh (random) tiny text-to-image model of the shapes world, in Stable Diffusion layout."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    cfg = dict(UNET_CONFIG if unet_config is None else unet_config)
-    tokenizer = shapes.build_tokenizer(naming=naming)
-    text_encoder = shapes.build_text_encoder(tokenizer, hidden_size=text_dim or cfg["cross_attention_dim"], seed=seed + 1)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
-                              clip_sample=False)
-    return SDComponents(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
-
-
-class CaptionCache:
-    """Encoder states of a fixed set of captions, computed once (the text encoder is frozen)."""
-
-    def __init__(self, parts: SDComponents, captions: list[str]):
-        self.index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-        self.states = parts.encode(list(self.index))
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        missing = [c for c in captions if c not in self.index]
-        if missing:
-            raise KeyError(f"captions not in the cache: {missing[:3]}")
-        return self.states[torch.tensor([self.index[c] for c in captions])]
-
-
-def train_base(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, steps: int, batch: int = 32,
-               lr: float = 1e-3, cond_drop: float = 0.1, ema_decay: float = 0.999, seed: int = 0,
-               save_every: int = 250, progress: bool = True) -> SDComponents:
-    """Denoising training of parts.unet on world.sample_batch (caption dropout ``cond_drop``); keeps
-    an EMA copy, resumes from out_dir, and writes the EMA model with save_pretrained to out_dir/model."""
-    import copy
-
-    unet = parts.unet
-    unet.requires_grad_(True)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    eps_model = parts.eps_model()
-    schedule = eps_model.schedule
-    cache = CaptionCache(parts, world.all_captions())
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-
-    def step_fn(step: int, g: torch.Generator) -> dict:
-        x0, objs = world.sample_batch(batch, g)
-        caps = [world.caption(o) if float(torch.rand((), generator=g)) >= cond_drop else "" for o in objs]
-        cond = cache(caps)
-        t, _ = schedule.sample_t(batch, generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        x_t = schedule.add_noise(x0, noise, t)
-        pred = eps_model.raw(x_t, t, cond)
-        loss = torch.nn.functional.mse_loss(pred, eps_model.target(x0, noise, t))
-        if step > 0:
-            with torch.no_grad():
-                d = min(ema_decay, (1 + step) / (10 + step))
-                for pe, p in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(p.detach(), 1 - d)
-        return {"loss": loss}
-
-    config = {"kind": "sepen-base", "batch": batch, "lr": lr, "cond_drop": cond_drop,
-              "ema_decay": ema_decay, "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet.config.items()
-                                                if k in UNET_CONFIG},
-              **world.to_dict()}
-    trainer = Trainer(out_dir, {"unet": unet, "ema": ema}, opt, step_fn, config=config, seed=seed,
-                      save_every=save_every, log_every=50, desc="sepen base", progress=progress)
-    trainer.fit(steps)
-    out = SDComponents(unet=ema, scheduler=parts.scheduler, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer)
-    out.save_pretrained(out_dir / "model")
-    return out
-
-
-def export_base(out: Path, world: shapes.ShapesWorld) -> Path:
-    """Writes the EMA weights of the latest base checkpoint (out/base/checkpoint.pt) as the
-    Stable-Diffusion-style folder out/base/model; returns its path."""
-    parts = build_components(naming=world.naming)
-    state = load(out / "base" / "checkpoint.pt")
-    parts.unet.load_state_dict(state["modules"]["ema"])
-    SDComponents(unet=parts.unet, scheduler=parts.scheduler, text_encoder=parts.text_encoder,
-                 tokenizer=parts.tokenizer).save_pretrained(out / "base" / "model")
-    atomic_write_json({"step": state["step"]}, out / "base" / "model" / "step.json")
-    return out / "base" / "model"
-
-
-# -- sampling, scoring, finetuning -------------------------------------------------------------
-
-def load_model(out: Path, model: str) -> SDComponents:
-    """'base' -> out/base/model; 'ft:<name>' (or a bare name) -> out/finetune-<name>/model."""
-    if model in ("base", "tta"):
-        path = out / "base" / "model"
-    else:
-        path = out / f"finetune-{model.split(':', 1)[-1]}" / "model"
-    if not path.exists():
-        raise ValueError(f"model {model!r}: {path} does not exist (run `compkern sepen train` / `finetune` first)")
-    return SDComponents.from_pretrained(path)
-
-
-def load_detector(out: Path) -> shapes.ShapeDetector:
-    path = out / "detector.pt"
-    if not path.exists():
-        raise ValueError(f"{path} does not exist: run `compkern sepen train --what detector`")
-    det = shapes.ShapeDetector()
-    det.load_state_dict(load(path)["state_dict"])
-    return det.eval()
-
-
-def load_world(out: Path, default: shapes.ShapesWorld) -> shapes.ShapesWorld:
-    """The world a run folder was trained on (out/world.json), else ``default`` (older runs)."""
-    path = out / "world.json"
-    return shapes.ShapesWorld(**json.loads(path.read_text())) if path.exists() else default
-
-
-def prompt_specs(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]]):
-    from compkern.train.sepen import PromptSpec
-    return [PromptSpec.build(world.caption(p), world.object_tokens(p), parts.tokenizer, parts.encode) for p in prompts]
-
-
-@torch.no_grad()
-def sample(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]], *, n: int, seed: int, steps: int = 50,
-           guidance: float = 3.0, clip_x0: float | None = 1.0, eta: float = 1.0, tta: dict | None = None,
-           chunk: int = 256, backend: str = "auto", progress: bool = False) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-    """n samples per prompt with classifier-free guidance and ancestral DDPM (eta = 1) or DDIM
-    (eta = 0); ``tta``: SepEnGuidance options (step_size, t_stop, w_sep, w_en) to guide with the
-    attention losses. Returns (images (len(prompts) * n, 3, 16, 16), prompt of each row)."""
-    from compkern.samplers import ddim_sample
-    from compkern.train.sepen import SepEnGuidance
-
-    model = parts.eps_model()
-    rows = [p for p in prompts for _ in range(n)]
-    cache = CaptionCache(parts, [""] + [world.caption(p) for p in prompts])
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(len(rows), 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, generator=g)
-    out = []
-    for s in range(0, len(rows), chunk):
-        part = rows[s:s + chunk]
-        cond = cache([world.caption(p) for p in part])
-        uncond = cache([""] * len(part))
-        if tta is None:
-            def eps_fn(x, t, cond=cond, uncond=uncond):
-                e = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
-                return e[:len(x)] + guidance * (e[len(x):] - e[:len(x)])
-        else:
-            eps_fn = SepEnGuidance(model, cond, uncond, prompt_specs(parts, world, part), guidance_scale=guidance,
-                                   resolution=8, backend=backend, **tta)
-        out.append(ddim_sample(eps_fn, x_T[s:s + chunk], model.schedule, num_steps=steps, eta=eta, clip_x0=clip_x0,
-                               generator=g, progress=progress))
-    return torch.cat(out).clamp(-1, 1), rows
-
-
-def score(det: shapes.ShapeDetector, world: shapes.ShapesWorld, images: torch.Tensor, rows: list[tuple[int, ...]]) -> dict:
-    r = shapes.score_samples(det, images, rows)
-    res = {k: float(r[k].float().mean()) for k in shapes.OUTCOMES}
-    res["n"] = len(rows)
-    # which prompt object was drawn: detection rate of the 1st, 2nd, ... object named (over the
-    # rows whose prompt names that many objects)
-    named = torch.tensor([len(p) for p in rows]).unsqueeze(1) > torch.arange(r["detected"].shape[1])
-    res["detected_by_position"] = (r["detected"].sum(0) / named.sum(0)).tolist()
-    per = {}
-    for i, p in enumerate(rows):
-        per.setdefault(world.caption(p), []).append(bool(r["success"][i]))
-    res["per_prompt"] = {k: sum(v) / len(v) for k, v in per.items()}
-    return res
-
-
-PROMPT_SETS = {"heldout": lambda w: w.held_out_prompts(), "seen": lambda w: w.seen_prompts(),
-               "single": lambda w: w.singles()}
-
-
-def frozen_samples(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]], path: Path, *,
-                   n: int = 8, seed: int, steps: int = 50) -> tuple[torch.Tensor, list[str]]:
-    """n samples of each prompt from the model as it is now (len(prompts) * n, 3, H, W), prompt-major,
-    and their captions; computed once and cached at ``path``."""
-    if not path.exists():
-        imgs, rows = sample(parts, world, prompts, n=n, seed=seed, steps=steps)
-        atomic_save({"x0": imgs, "captions": [world.caption(r) for r in rows]}, path)
-    d = load(path)
-    return d["x0"], d["captions"]
-
-
-def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, steps: int, lr: float, w_sep: float,
-             w_en: float, w_norm: float, batch: int = 8, seed: int = 0, prompt_set: str = "heldout", t_min: int = 0,
-             latents: str = "random", backend: str = "auto", progress: bool = True) -> list[dict]:
-    """SepEn finetuning of parts.unet (attn2.to_k) on the prompts of ``prompt_set``; the
-    normalization data are 8 frozen-model samples of each single-object prompt (cached in
-    out_dir/norm.pt). ``latents``: the attention losses see noised random latents ("random", the
-    public code) or 8 frozen-model samples of each training prompt ("samples", cached in
-    out_dir/prompt_x0.pt). Saves the SD folder with the finetuned UNet to out_dir/model."""
-    from compkern.train.sepen import SepEnConfig, SepEnFinetuner
-
-    if latents not in ("random", "samples"):
-        raise ValueError(f"latents must be 'random' or 'samples', got {latents!r}")
-    prompts = PROMPT_SETS[prompt_set](world)
-    specs = prompt_specs(parts, world, prompts)
-    norm_x0 = norm_states = None
-    if w_norm > 0:
-        norm_x0, captions = frozen_samples(parts, world, world.singles(), out_dir / "norm.pt", seed=seed + 777)
-        norm_states = CaptionCache(parts, captions)(captions)
-    prompt_x0 = None
-    if latents == "samples":
-        x0, _ = frozen_samples(parts, world, prompts, out_dir / "prompt_x0.pt", seed=seed + 778)
-        prompt_x0 = x0.view(len(prompts), -1, *x0.shape[1:])
-    cfg = SepEnConfig(steps=steps, batch=batch, lr=lr, w_sep=w_sep, w_en=w_en, w_norm=w_norm, resolution=8, t_min=t_min,
-                      save_every=50, backend=backend, extra={"prompt_set": prompt_set})
-    ft = SepEnFinetuner(parts.eps_model(), specs, out_dir, cfg, norm_x0=norm_x0, norm_states=norm_states,
-                        prompt_x0=prompt_x0, seed=seed, progress=progress)
-    hist = ft.fit()
-    SDComponents(unet=parts.unet, scheduler=parts.scheduler, text_encoder=parts.text_encoder,
-                 tokenizer=parts.tokenizer).save_pretrained(out_dir / "model")
-    return hist
-
-
-@torch.no_grad()
-def noun_maps(parts: SDComponents, world: shapes.ShapesWorld, images: torch.Tensor, rows: list[tuple[int, ...]], *, t: int = 300, seed: int = 0,
-              backend: str = "auto") -> torch.Tensor:
-    """Cross-attention maps (B, K, 8, 8) of each prompt's nouns on its own samples noised to t
-    (softmax-normalized over the text tokens as attention_losses sees them)."""
-    from compkern.train.sepen import capture_cross_attention
-
-    model = parts.eps_model()
-    specs = prompt_specs(parts, world, rows)
-    g = torch.Generator().manual_seed(seed)
-    tt = torch.full((len(rows),), t, dtype=torch.long)
-    x_t = model.schedule.add_noise(images, torch.randn(images.shape, generator=g), tt)
-    states = torch.stack([s.states for s in specs])
-    with capture_cross_attention(model.unet, 8, backend=backend) as store:
-        model(x_t, tt, states)
-        maps = store.maps()  # (B, 64, N)
-    out = []
-    for b, s in enumerate(specs):
-        a = torch.softmax(100 * maps[b, :, 1:s.text_end], -1)
-        out.append(a[:, s.tokens - 1].T.reshape(-1, 8, 8))
-    return torch.stack(out)
-
+# -- figures and reports (presentation of a run folder) ----------------------------------------
 
 def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDComponents, dict | None]], path: Path, *,
-           n_prompts: int = 4, n_candidates: int = 16, detector: shapes.ShapeDetector | None = None, seed: int = 0,
+           n_prompts: int = 4, n_candidates: int = 16, detector: ShapeDetector | None = None, seed: int = 0,
            steps: int = 50, guidance: float = 3.0, backend: str = "auto") -> None:
     """docs PNG: for held-out prompts, one sample per model (the same initial noise for every
     model) and its two noun maps. With a detector, each prompt shows the first of ``n_candidates``
@@ -285,8 +53,8 @@ def figure(out: Path, world: shapes.ShapesWorld, models: dict[str, tuple[SDCompo
                             backend=backend)
         outcome = [""] * len(rows)
         if detector is not None:
-            r = shapes.score_samples(detector, imgs, rows)
-            outcome = [next(k for k in shapes.OUTCOMES if r[k][i]).split("_")[0] for i in range(len(rows))]
+            r = score_samples(detector, imgs, rows)
+            outcome = [next(k for k in OUTCOMES if r[k][i]).split("_")[0] for i in range(len(rows))]
         if pick is None:  # per prompt: its first candidate on which the first model failed, else candidate 0
             failed = [o not in ("", "success") for o in outcome]
             pick = [next((i * n + c for c in range(n) if failed[i * n + c]), i * n) for i in range(len(prompts))]
@@ -434,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"base model: {out / 'base' / 'model'} ({time.time() - t0:.0f} s)")
         if args.what in ("detector", "all"):
             t0 = time.time()
-            det, acc = shapes.train_detector(seed=args.seed, progress=progress)
+            det, acc = train_detector(seed=args.seed, progress=progress)
             atomic_save({"state_dict": det.state_dict(), "accuracy": acc}, out / "detector.pt")
             print(f"detector: {out / 'detector.pt'} held-out accuracy {acc} ({time.time() - t0:.0f} s)")
         return 0
@@ -465,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             imgs, rows = sample(parts, world, PROMPT_SETS[name](world), n=args.n, seed=args.seed, steps=args.sample_steps,
                                 guidance=args.guidance, clip_x0=clip, eta=args.eta,
                                 tta=settings["tta"], backend=args.backend, progress=progress)
-            r = results[name] = {**score(det, world, imgs, rows), "settings": settings}
+            r = results[name] = {**success_rates(det, world, imgs, rows), "settings": settings}
             atomic_write_json(results, path)
             print(f"{args.model:>12s} {name:>8s}: success {r['success']:.3f}  missing {r['missing']:.3f}  "
                   f"swapped/dup {r['swapped_or_duplicated']:.3f}  detected by position "
@@ -477,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         imgs, rows = sample(parts, world, prompts, n=args.n, seed=args.seed, steps=args.sample_steps, guidance=args.guidance,
                             clip_x0=clip, eta=args.eta, tta=tta if args.model == "tta" else None, backend=args.backend)
         if (out / "detector.pt").exists():
-            r = score(load_detector(out), world, imgs, rows)
+            r = success_rates(load_detector(out), world, imgs, rows)
             print(f"success {r['success']:.3f} missing {r['missing']:.3f} swapped/dup {r['swapped_or_duplicated']:.3f}")
         png = Path(args.png or out / f"samples-{args.model.replace(':', '-')}.png")
         save_grid(imgs, rows, png, n_cols=args.n, world=world)

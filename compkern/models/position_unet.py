@@ -23,9 +23,26 @@ from compkern.models.attribute_unet import AttributeUNet
 from compkern.models.energy import EnergyEps
 from compkern.models.schedule import NoiseSchedule
 
-__all__ = ["PositionEmbedding", "PositionUNet", "PositionEnergyUNet", "build_position_model"]
+__all__ = ["SAMPLE_T_MAX", "PositionEmbedding", "PositionUNet", "PositionEnergyUNet", "build_position_model",
+           "position_sampling_schedule", "position_schedule"]
 
 _MODES = 3  # OBJECT, BACKGROUND, NULL (compkern.data.clevr)
+
+
+def position_schedule() -> NoiseSchedule:
+    """The noise schedule of every positions model: cosine, 1000 steps."""
+    return NoiseSchedule.cosine(1000)
+
+
+SAMPLE_T_MAX = 970
+
+
+def position_sampling_schedule() -> NoiseSchedule:
+    """The training schedule cut at t < SAMPLE_T_MAX (abar_max = 2.2e-3 instead of 2.4e-9): at
+    the cosine schedule's last step x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) multiplies the eps
+    error by 2e4, which without x0 clipping throws samples far outside [-1, 1]. Every sampler
+    (reverse diffusion and the annealed MCMC levels) starts from N(0, I) at t = SAMPLE_T_MAX - 1."""
+    return NoiseSchedule(position_schedule().betas[:SAMPLE_T_MAX])
 
 
 class PositionEmbedding(nn.Module):

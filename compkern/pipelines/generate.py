@@ -1,97 +1,87 @@
-"""`compkern generate`: composed Stable Diffusion generation with CompLift rejection, streamed
-into a resumable output folder, on one process or under ``torchrun --nproc-per-node N``.
+"""Composed generation with CompLift rejection, streamed into a resumable output folder, on one
+process or under ``torchrun --nproc-per-node N``: the library behind `compkern generate`
+(``compkern.experiments.generate`` parses its arguments and calls ``generate``).
 
-    compkern generate --model PATH --prompt "a black car AND a white clock" --n 100 --out DIR
-    torchrun --nproc-per-node 8 -m compkern.cli generate --model PATH --prompt "..." --num-images 100 --out DIR
+    from compkern.pipelines.generate import GenerateOptions, generate
+    generate(GenerateOptions(model="PATH", prompt="a black car AND a white clock", n=100, out="DIR"))
 
-Work is cut into batches of ``--batch-size`` images; image i has seed ``--seed + i`` and batch j
+Work is cut into batches of ``batch_size`` images; image i has seed ``seed + i`` and batch j
 holds images [j * batch_size, (j + 1) * batch_size). Each batch is generated (one batched UNet
 call per step for all condition rows: by default guidance on the joint caption, the other terms
-composed), scored (by default CompLift lift maps cached from every other sampling step, each
-component against its own target: the joint caption's prediction for the required components,
-the noise for NOT / OR terms, each with its pixel rule, ``lift_maps.DEFAULT_RULES``: the settings
-`compkern main-job` measured best) and accepted or rejected, then committed as one atomic shard ``shards/batch-JJJJJJ.pt``
-(accepted images and their lift-map overlays are written first). A rerun with the same settings
-skips committed batches, so an interrupted run resumes where it stopped.
+composed), scored (``score``: by default CompLift lift maps cached from every other sampling step,
+each component against its own target: the joint caption's prediction for the required
+components, the noise for NOT / OR terms, each with its pixel rule, ``lift_maps.DEFAULT_RULES``:
+the settings `compkern main-job` measured best) and accepted or rejected, then committed as one
+atomic shard ``shards/batch-JJJJJJ.pt`` (``run_batch``; accepted images and their lift-map
+overlays are written first). The folder is a ``compkern.utils.run_folder.RunFolder``: a rerun
+with the same settings skips committed batches, so an interrupted run resumes where it stopped;
+other settings are refused.
 
 Under torchrun the ranks take the pending batches round-robin (rank r takes every world-th);
 after each round one all_reduce (NCCL on GPUs, gloo on CPUs) sums the accepted counts, so every
-rank stops together once the global target ``--n`` is met. Each rank writes its own shards; rank 0
-merges all shards into ``manifest.json`` after every round. The accepted images are the first n
-accepted by image index, so the result does not depend on the number of processes. Resuming needs
-the output folder on a filesystem every rank sees.
+rank stops together once the global target ``n`` is met. Each rank writes its own shards; rank 0
+merges all shards into ``manifest.json`` (``merge_manifest``) after every round. The accepted
+images are the first n accepted by image index, so the result does not depend on the number of
+processes. Resuming needs the output folder on a filesystem every rank sees.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from compkern.pipelines import lift_maps as LM
-from compkern.pipelines.composition import GENERATE_MODES
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, check_run_folder, load
+from compkern.utils.checkpoint import load
+from compkern.utils.run_folder import RunFolder
 
 # settings that change which images are accepted: a resumed run must match them
 _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift", "record_every",
            "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local diffusers folder: SD 1.x, 2.x, XL, or a pixel-space "
-                   "text-to-image model without vae/ (e.g. `compkern sepen train`'s base/model)")
-    p.add_argument("--prompt", required=True, help='expression of component prompts, e.g. "a black car AND a white clock AND NOT a dog"')
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=100,
-                   help="accepted images wanted (global, over all ranks); under torchrun write --num-images "
-                        "(torchrun's own parser takes --n for a prefix of --nnodes / --nproc-per-node)")
-    p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch (each rank)")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="model dtype (fp32 on CPU recommended)")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of every component")
-    p.add_argument("--negative-prompt", default="", help="base condition (row 0)")
-    p.add_argument("--eta", type=float, default=0.0, help="0: DDIM, 1: DDPM")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--generate", default="joint", choices=list(GENERATE_MODES),
-                   help="joint: guidance on the joint caption of the required components (\"a cat and a dog\"), the "
-                        "other components composed; composed: Composable Diffusion over every component")
-    p.add_argument("--lift", default="cached", choices=["cached", "fresh", "public", "none"],
-                   help="cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
-                        "on the final latents (noise target); public: CompLift's public scorer, --trials evenly spaced "
-                        "fresh trials with a fixed noise bank; none: accept everything")
-    p.add_argument("--target", default="term", choices=list(LM.TARGETS),
-                   help="target of cached / public trials: term (default: joint for the components every accepted "
-                        "image needs, noise for NOT / OR terms), the joint caption's prediction (recorded as one more "
-                        "condition row), the noise (recovered from x_t and the final latents), or the composed "
-                        "prediction (comparison only: NOT can never fail)")
-    p.add_argument("--record-every", type=int, default=2,
-                   help="cached: keep every k-th sampling step as a trial (the component rows are evaluated only "
-                        "there; 2, the default, scored as well as every step in `compkern main-job` for fewer rows)")
-    rules = ", ".join(f"{t} {r[0]:g}" for t, r in LM.DEFAULT_RULES.items())
-    p.add_argument("--threshold", type=float, default=None, help=f"pixel lift threshold (default per target: {rules})")
-    rules = ", ".join(f"{t} {r[1]:g}" for t, r in LM.DEFAULT_RULES.items())
-    p.add_argument("--min-pixels", type=float, default=None,
-                   help="latent pixels above threshold for a component to count as present (below 1: a fraction; "
-                        f"default per target: {rules})")
-    p.add_argument("--trials", type=int, default=50,
-                   help="fresh / public trials per image (fresh with --rule mean: the most the adaptive estimator may spend)")
-    p.add_argument("--rule", default="pixels", choices=["pixels", "mean"], help="object rule, or the mean-lift sign")
-    p.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
-                   help="max UNet rows per call; auto (default): all (K+1) x B, halved on out-of-memory")
-    p.add_argument("--max-attempts", type=int, default=None, help="stop after this many images (default 20 x n)")
-    p.add_argument("--save-rejected", action="store_true", help="also write rejected images and their maps")
-    p.add_argument("--no-overlays", action="store_true", help="do not write lift-map overlay PNGs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+@dataclass
+class GenerateOptions:
+    """The settings of one generation (the options of `compkern generate`, same names and defaults)."""
+    model: str
+    prompt: str
+    out: str
+    n: int = 100
+    batch_size: int = 4
+    dtype: str = "fp16"
+    device: str = "auto"
+    steps: int = 50
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    eta: float = 0.0
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    generate: str = "joint"
+    lift: str = "cached"
+    target: str = "term"
+    record_every: int = 2
+    threshold: float | None = None
+    min_pixels: float | None = None
+    trials: int = 50
+    rule: str = "pixels"
+    chunk_size: int | str = "auto"
+    max_attempts: int | None = None
+    save_rejected: bool = False
+    no_overlays: bool = False
+
+    @classmethod
+    def from_namespace(cls, ns: Any) -> "GenerateOptions":
+        """The options of an argparse Namespace (extra attributes such as ``threads`` ignored)."""
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
 
 
-def _device(spec: str, local_rank: int) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """auto -> cuda:LOCAL_RANK if CUDA is available, else cpu; "cuda" -> cuda:LOCAL_RANK; else as given."""
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(spec)
@@ -100,7 +90,7 @@ def _device(spec: str, local_rank: int) -> torch.device:
     return dev
 
 
-class _Dist:
+class Distributed:
     """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
 
     def __init__(self, device: torch.device):
@@ -151,7 +141,7 @@ def _committed(out: Path, cache: dict | None = None) -> dict[int, dict]:
 def merge_manifest(out: str | os.PathLike, n: int | None = None, *, cache: dict | None = None) -> dict:
     """Merge every shard of an output folder into manifest.json (atomic) and return it."""
     out = Path(out)
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = RunFolder(out).config
     n = cfg["n"] if n is None else n
     shards = _committed(out, cache)
     records = sorted((r for s in shards.values() for r in s["records"]), key=lambda r: r["index"])
@@ -165,11 +155,15 @@ def merge_manifest(out: str | os.PathLike, n: int | None = None, *, cache: dict 
         "wall_s": sum(s["wall_s"] for s in shards.values()),
         "batches": len(shards), "complete": len(accepted) >= n, "config": cfg,
     }
-    atomic_write_json(manifest, out / "manifest.json")
+    RunFolder(out).write_json("manifest.json", manifest)
     return manifest
 
 
-def run(args: argparse.Namespace) -> int:
+def generate(args: GenerateOptions) -> dict | None:
+    """Run (or resume) a generation into ``args.out`` until ``args.n`` images are accepted or
+    ``args.max_attempts`` images were tried; returns the merged manifest on rank 0 (None on the
+    other ranks). ``args``: a GenerateOptions, or any object with its attributes (an argparse
+    Namespace of `compkern generate`)."""
     from tqdm.auto import tqdm
 
     from compkern.pipelines.composition import CompositionPipeline, parse_composition
@@ -185,12 +179,10 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not (model / "unet").is_dir():
         raise ValueError(f"--model {args.model}: not a diffusers folder with a unet/ subfolder")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(args.device, local_rank)
+    device = resolve_device(args.device, local_rank)
     dtype = "fp32" if device.type == "cpu" and args.dtype == "fp16" else args.dtype
-    dist = _Dist(device)
+    dist = Distributed(device)
     out = Path(args.out)
     try:
         comp = parse_composition(args.prompt)
@@ -201,11 +193,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.update(model=str(Path(args.model).resolve()), dtype=dtype, n=args.n, components=list(comp.components),
                    signs=list(comp.signs), world_size=dist.world)
         if dist.rank == 0:
-            check_run_folder(out, cfg, _FROZEN)
+            RunFolder(out, cfg, keys=_FROZEN)
             (out / "shards").mkdir(parents=True, exist_ok=True)
         dist.barrier()
         if dist.rank != 0:
-            check_run_folder(out, cfg, _FROZEN, write=False)
+            RunFolder(out, cfg, keys=_FROZEN, write=False)
         pipe = CompositionPipeline.from_pretrained(args.model, dtype=dtype, device=device)
         done = _committed(out)
         dist.barrier()  # everyone has read the same committed set before anyone writes
@@ -219,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
             slot = rnd * dist.world + dist.rank
             n_acc = 0
             if slot < len(pending):
-                n_acc = _run_batch(pipe, comp, pending[slot], args, out, dist.rank)
+                n_acc = run_batch(pipe, comp, pending[slot], args, out, dist.rank)
             accepted_total += int(dist.sum([n_acc])[0])
             rnd += 1
             if dist.rank == 0:
@@ -230,10 +222,8 @@ def run(args: argparse.Namespace) -> int:
         dist.barrier()
         if dist.rank == 0:
             bar.close()
-            m = merge_manifest(out, args.n, cache=seen)
-            print(json.dumps({k: m[k] for k in ("n_accepted", "attempted", "acceptance_rate", "unet_rows",
-                                                "unet_rows_per_accepted", "complete")}))
-        return 0
+            return merge_manifest(out, args.n, cache=seen)
+        return None
     finally:
         dist.close()
 
@@ -271,8 +261,9 @@ def _uses_joint(comp, target: str) -> bool:
     return target == "joint" or (target == "term" and comp.joint is not None)
 
 
-def _run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
-    """Generate, score and commit batch j; returns its accepted count."""
+def run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
+    """Generate, score and commit batch j of ``args`` (GenerateOptions) into ``out``; returns its
+    accepted count."""
     t0 = time.perf_counter()
     B = args.batch_size
     indices = list(range(j * B, (j + 1) * B))
@@ -302,6 +293,6 @@ def _run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
             sub = LM.LiftMaps(maps.pixel_lift[:, b:b + 1], maps.n_trials, 0, maps.targets)
             names = LM.save_overlays([img], sub, out / "maps", [f"{rec['index']:06d}"])[0]
             rec["maps"] = [f"maps/{f}" for f in names]
-    atomic_save({"batch": j, "rank": rank, "records": records, "unet_rows": rows,
-                 "wall_s": time.perf_counter() - t0}, _shard_path(out, j))
+    RunFolder(out).save(_shard_path(out, j).relative_to(out), {"batch": j, "rank": rank, "records": records,
+                                                               "unet_rows": rows, "wall_s": time.perf_counter() - t0})
     return int(ok.sum())

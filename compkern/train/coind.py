@@ -31,6 +31,7 @@ Metrics:
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -38,10 +39,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compkern.data.digits import ColoredDigits
+from compkern.models.attribute_unet import AttributeUNet
 from compkern.models.base import EpsModel, evaluate_conditions
 from compkern.models.schedule import NoiseSchedule
 from compkern.samplers import ComposedEps, ddim_sample
 from compkern.train.loop import Trainer
+from compkern.utils.checkpoint import atomic_save, load
 
 Masking = Literal["independent", "joint", "none"]
 
@@ -387,3 +391,46 @@ def conformity_score(classifier: nn.Module, images: torch.Tensor, labels: torch.
                        for s in range(0, len(images), batch_size)])
     ok = preds == labels.to(preds.device)
     return float(ok.all(1).float().mean()), ok.float().mean(0).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# colored digits (compkern.data.digits): the run folder of `compkern coind train`
+# ----------------------------------------------------------------------------------------------
+def coind_schedule() -> NoiseSchedule:
+    """The noise schedule of every CoInD model: DDPM linear, 1000 steps."""
+    return NoiseSchedule.ddpm_linear(1000)
+
+
+def build_digits_model(cfg: dict) -> AttributeUNet:
+    """The colored-digits AttributeUNet of a run config {"digits", "colors", "channels", "attention", ...}."""
+    return AttributeUNet([cfg["digits"], cfg["colors"]], channels=cfg["channels"], attention=cfg["attention"])
+
+
+def load_run(run: str | Path) -> tuple[AttributeUNet, dict]:
+    """(EMA model in eval mode, config) from a `compkern coind train` folder."""
+    run = Path(run)
+    cfg = json.loads((run / "config.json").read_text())
+    model = build_digits_model(cfg)
+    model.load_state_dict(load(run / "checkpoint.pt")["modules"]["ema"])
+    return model.eval(), cfg
+
+
+def load_or_train_classifier(path: str, cfg: dict) -> tuple[AttributeClassifier, dict]:
+    """The attribute classifier of a digits config, read from ``path`` (``{size}`` filled in from
+    cfg) or trained on real full-support images and saved there; returns (classifier in eval
+    mode, its test {"cs", "acc"})."""
+    path = Path(path.format(size=cfg["size"]))
+    full = ColoredDigits(size=cfg["size"], n_digits=cfg["digits"], n_colors=cfg["colors"], support="full", split="train")
+    if path.exists():
+        st = load(path)
+        clf = AttributeClassifier(**st["config"])
+        clf.load_state_dict(st["state"])
+        return clf.eval(), st["test_acc"]
+    with torch.enable_grad():
+        clf = train_attribute_classifier(full.sample, full.n_values, steps=1500, progress=False)
+    test = ColoredDigits(size=cfg["size"], n_digits=cfg["digits"], n_colors=cfg["colors"], support="full", split="test")
+    g = torch.Generator().manual_seed(99)
+    labels = torch.cartesian_prod(torch.arange(cfg["digits"]), torch.arange(cfg["colors"])).repeat(40, 1)
+    cs, acc = conformity_score(clf, test.render(labels, g), labels)
+    atomic_save({"config": clf.config, "state": clf.state_dict(), "test_acc": {"cs": cs, "acc": acc}}, path)
+    return clf, {"cs": cs, "acc": acc}

@@ -29,6 +29,7 @@ Attend-and-Excite does (``ops.attention_losses(normalize="softmax")``, tokens [1
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -37,8 +38,14 @@ from typing import Iterator, Sequence
 
 import torch
 
+from compkern.data import shapes
+from compkern.models.detector import OUTCOMES, ShapeDetector, score_samples
+from compkern.models.shapes import UNET_CONFIG, build_components
+from compkern.models.unet import SDComponents
+from compkern.ops import combine_eps
 from compkern.ops.attention import AttentionAccumulator, attention_losses
 from compkern.train.loop import Trainer
+from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 # ------------------------------------------------------------------------------------------------
 # attention capture
@@ -395,6 +402,15 @@ def cache_frozen_samples(sample_fn, states: torch.Tensor, n_per_prompt: int, *, 
 # test-time variant
 # ------------------------------------------------------------------------------------------------
 
+def cfg_combine(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance through ``compkern.ops.combine_eps``: eps (2B, *S), the unconditional
+    rows first, then the conditional ones -> (B, *S) = eps_u + guidance_scale (eps_c - eps_u)."""
+    if eps.shape[0] % 2:
+        raise ValueError(f"eps must stack (uncond, cond) rows: (2B, *S), got {tuple(eps.shape)}")
+    w = torch.tensor([float(guidance_scale)], dtype=torch.float32, device=eps.device)
+    return combine_eps(eps.view(2, eps.shape[0] // 2, *eps.shape[1:]), w)
+
+
 class SepEnGuidance:
     """eps_fn(x_t, t) for compkern.samplers.ddim_sample / ddpm_sample: classifier-free guidance
     plus, while t >= ``t_stop``, the Separate / Enhance losses as guidance (SepEn TTA).
@@ -431,7 +447,7 @@ class SepEnGuidance:
         if tt < self.t_stop or self.step_size == 0:
             with torch.no_grad():
                 eps = self.model(torch.cat([x, x]), t2, states)
-            return eps[:B] + self.guidance_scale * (eps[B:] - eps[:B])
+            return cfg_combine(eps, self.guidance_scale)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             with capture_cross_attention(self.model.unet, self.resolution, self.store):
@@ -444,8 +460,231 @@ class SepEnGuidance:
             grad = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
         frac = (self.model.schedule.num_steps - 1 - tt) / max(1, self.model.schedule.num_steps - 1 - self.t_stop)
         alpha = self.step_size * math.sqrt(1.0 - 0.5 * min(1.0, max(0.0, frac)))
-        eps = eps.detach()
-        eps = eps[:B] + self.guidance_scale * (eps[B:] - eps[:B])
+        eps = cfg_combine(eps.detach(), self.guidance_scale)
         s = self.model.schedule.sqrt_one_minus_abar(t, x)
         self.history.append({"t": tt, "sep": float(sep.detach().mean()), "en": float(en.detach().mean())})
         return eps + alpha * s * grad
+
+
+# ------------------------------------------------------------------------------------------------
+# SepEn on the shapes world (compkern.data.shapes): base training, run folder, sampling, scoring,
+# finetuning; the `compkern sepen` subcommand is their argument parsing
+# ------------------------------------------------------------------------------------------------
+
+class CaptionCache:
+    """Encoder states of a fixed set of captions, computed once (the text encoder is frozen)."""
+
+    def __init__(self, parts: SDComponents, captions: list[str]):
+        self.index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        self.states = parts.encode(list(self.index))
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in captions if c not in self.index]
+        if missing:
+            raise KeyError(f"captions not in the cache: {missing[:3]}")
+        return self.states[torch.tensor([self.index[c] for c in captions])]
+
+
+def train_base(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, steps: int, batch: int = 32,
+               lr: float = 1e-3, cond_drop: float = 0.1, ema_decay: float = 0.999, seed: int = 0,
+               save_every: int = 250, progress: bool = True) -> SDComponents:
+    """Denoising training of parts.unet on world.sample_batch (caption dropout ``cond_drop``); keeps
+    an EMA copy, resumes from out_dir, and writes the EMA model with save_pretrained to out_dir/model."""
+    import copy
+
+    unet = parts.unet
+    unet.requires_grad_(True)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    eps_model = parts.eps_model()
+    schedule = eps_model.schedule
+    cache = CaptionCache(parts, world.all_captions())
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+
+    def step_fn(step: int, g: torch.Generator) -> dict:
+        x0, objs = world.sample_batch(batch, g)
+        caps = [world.caption(o) if float(torch.rand((), generator=g)) >= cond_drop else "" for o in objs]
+        cond = cache(caps)
+        t, _ = schedule.sample_t(batch, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = schedule.add_noise(x0, noise, t)
+        pred = eps_model.raw(x_t, t, cond)
+        loss = torch.nn.functional.mse_loss(pred, eps_model.target(x0, noise, t))
+        if step > 0:
+            with torch.no_grad():
+                d = min(ema_decay, (1 + step) / (10 + step))
+                for pe, p in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(p.detach(), 1 - d)
+        return {"loss": loss}
+
+    config = {"kind": "sepen-base", "batch": batch, "lr": lr, "cond_drop": cond_drop,
+              "ema_decay": ema_decay, "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet.config.items()
+                                                if k in UNET_CONFIG},
+              **world.to_dict()}
+    trainer = Trainer(out_dir, {"unet": unet, "ema": ema}, opt, step_fn, config=config, seed=seed,
+                      save_every=save_every, log_every=50, desc="sepen base", progress=progress)
+    trainer.fit(steps)
+    out = SDComponents(unet=ema, scheduler=parts.scheduler, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer)
+    out.save_pretrained(out_dir / "model")
+    return out
+
+
+def export_base(out: Path, world: shapes.ShapesWorld) -> Path:
+    """Writes the EMA weights of the latest base checkpoint (out/base/checkpoint.pt) as the
+    Stable-Diffusion-style folder out/base/model; returns its path."""
+    parts = build_components(naming=world.naming)
+    state = load(out / "base" / "checkpoint.pt")
+    parts.unet.load_state_dict(state["modules"]["ema"])
+    SDComponents(unet=parts.unet, scheduler=parts.scheduler, text_encoder=parts.text_encoder,
+                 tokenizer=parts.tokenizer).save_pretrained(out / "base" / "model")
+    atomic_write_json({"step": state["step"]}, out / "base" / "model" / "step.json")
+    return out / "base" / "model"
+
+
+# -- sampling, scoring, finetuning -------------------------------------------------------------
+
+def load_model(out: str | Path, model: str) -> SDComponents:
+    """'base' (or 'tta') -> out/base/model; 'ft:<name>' (or a bare name) -> out/finetune-<name>/model."""
+    out = Path(out)
+    if model in ("base", "tta"):
+        path = out / "base" / "model"
+    else:
+        path = out / f"finetune-{model.split(':', 1)[-1]}" / "model"
+    if not path.exists():
+        raise ValueError(f"model {model!r}: {path} does not exist (run `compkern sepen train` / `finetune` first)")
+    return SDComponents.from_pretrained(path)
+
+
+def load_detector(out: Path) -> ShapeDetector:
+    """The detector of a `compkern sepen train` folder (out/detector.pt), in eval mode."""
+    path = out / "detector.pt"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: run `compkern sepen train --what detector`")
+    det = ShapeDetector()
+    det.load_state_dict(load(path)["state_dict"])
+    return det.eval()
+
+
+def load_world(out: Path, default: shapes.ShapesWorld) -> shapes.ShapesWorld:
+    """The world a run folder was trained on (out/world.json), else ``default`` (older runs)."""
+    path = out / "world.json"
+    return shapes.ShapesWorld(**json.loads(path.read_text())) if path.exists() else default
+
+
+def prompt_specs(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]]) -> list[PromptSpec]:
+    """One PromptSpec (caption states and object-token indices) per prompt of the world."""
+    return [PromptSpec.build(world.caption(p), world.object_tokens(p), parts.tokenizer, parts.encode) for p in prompts]
+
+
+@torch.no_grad()
+def sample(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]], *, n: int, seed: int, steps: int = 50,
+           guidance: float = 3.0, clip_x0: float | None = 1.0, eta: float = 1.0, tta: dict | None = None,
+           chunk: int = 256, backend: str = "auto", progress: bool = False) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """n samples per prompt with classifier-free guidance and ancestral DDPM (eta = 1) or DDIM
+    (eta = 0); ``tta``: SepEnGuidance options (step_size, t_stop, w_sep, w_en) to guide with the
+    attention losses. Returns (images (len(prompts) * n, 3, 16, 16), prompt of each row)."""
+    from compkern.samplers import ddim_sample
+
+    model = parts.eps_model()
+    rows = [p for p in prompts for _ in range(n)]
+    cache = CaptionCache(parts, [""] + [world.caption(p) for p in prompts])
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(len(rows), 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, generator=g)
+    out = []
+    for s in range(0, len(rows), chunk):
+        part = rows[s:s + chunk]
+        cond = cache([world.caption(p) for p in part])
+        uncond = cache([""] * len(part))
+        if tta is None:
+            def eps_fn(x, t, cond=cond, uncond=uncond):
+                e = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
+                return cfg_combine(e, guidance)
+        else:
+            eps_fn = SepEnGuidance(model, cond, uncond, prompt_specs(parts, world, part), guidance_scale=guidance,
+                                   resolution=8, backend=backend, **tta)
+        out.append(ddim_sample(eps_fn, x_T[s:s + chunk], model.schedule, num_steps=steps, eta=eta, clip_x0=clip_x0,
+                               generator=g, progress=progress))
+    return torch.cat(out).clamp(-1, 1), rows
+
+
+def success_rates(det: ShapeDetector, world: shapes.ShapesWorld, images: torch.Tensor, rows: list[tuple[int, ...]]) -> dict:
+    """Mean outcome rates of images (B, 3, 16, 16) drawn for prompts ``rows`` (B object tuples), as
+    judged by ``det``: {"success", "missing", "swapped_or_duplicated", "n", "detected_by_position"
+    (detection rate of the 1st, 2nd, ... object named), "per_prompt" (success per caption)}."""
+    r = score_samples(det, images, rows)
+    res = {k: float(r[k].float().mean()) for k in OUTCOMES}
+    res["n"] = len(rows)
+    # which prompt object was drawn: detection rate of the 1st, 2nd, ... object named (over the
+    # rows whose prompt names that many objects)
+    named = torch.tensor([len(p) for p in rows]).unsqueeze(1) > torch.arange(r["detected"].shape[1])
+    res["detected_by_position"] = (r["detected"].sum(0) / named.sum(0)).tolist()
+    per = {}
+    for i, p in enumerate(rows):
+        per.setdefault(world.caption(p), []).append(bool(r["success"][i]))
+    res["per_prompt"] = {k: sum(v) / len(v) for k, v in per.items()}
+    return res
+
+
+PROMPT_SETS = {"heldout": lambda w: w.held_out_prompts(), "seen": lambda w: w.seen_prompts(),
+               "single": lambda w: w.singles()}
+
+
+def frozen_samples(parts: SDComponents, world: shapes.ShapesWorld, prompts: list[tuple[int, ...]], path: Path, *,
+                   n: int = 8, seed: int, steps: int = 50) -> tuple[torch.Tensor, list[str]]:
+    """n samples of each prompt from the model as it is now (len(prompts) * n, 3, H, W), prompt-major,
+    and their captions; computed once and cached at ``path``."""
+    if not path.exists():
+        imgs, rows = sample(parts, world, prompts, n=n, seed=seed, steps=steps)
+        atomic_save({"x0": imgs, "captions": [world.caption(r) for r in rows]}, path)
+    d = load(path)
+    return d["x0"], d["captions"]
+
+
+def finetune(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *, steps: int, lr: float, w_sep: float,
+             w_en: float, w_norm: float, batch: int = 8, seed: int = 0, prompt_set: str = "heldout", t_min: int = 0,
+             latents: str = "random", backend: str = "auto", progress: bool = True) -> list[dict]:
+    """SepEn finetuning of parts.unet (attn2.to_k) on the prompts of ``prompt_set``; the
+    normalization data are 8 frozen-model samples of each single-object prompt (cached in
+    out_dir/norm.pt). ``latents``: the attention losses see noised random latents ("random", the
+    public code) or 8 frozen-model samples of each training prompt ("samples", cached in
+    out_dir/prompt_x0.pt). Saves the SD folder with the finetuned UNet to out_dir/model."""
+    if latents not in ("random", "samples"):
+        raise ValueError(f"latents must be 'random' or 'samples', got {latents!r}")
+    prompts = PROMPT_SETS[prompt_set](world)
+    specs = prompt_specs(parts, world, prompts)
+    norm_x0 = norm_states = None
+    if w_norm > 0:
+        norm_x0, captions = frozen_samples(parts, world, world.singles(), out_dir / "norm.pt", seed=seed + 777)
+        norm_states = CaptionCache(parts, captions)(captions)
+    prompt_x0 = None
+    if latents == "samples":
+        x0, _ = frozen_samples(parts, world, prompts, out_dir / "prompt_x0.pt", seed=seed + 778)
+        prompt_x0 = x0.view(len(prompts), -1, *x0.shape[1:])
+    cfg = SepEnConfig(steps=steps, batch=batch, lr=lr, w_sep=w_sep, w_en=w_en, w_norm=w_norm, resolution=8, t_min=t_min,
+                      save_every=50, backend=backend, extra={"prompt_set": prompt_set})
+    ft = SepEnFinetuner(parts.eps_model(), specs, out_dir, cfg, norm_x0=norm_x0, norm_states=norm_states,
+                        prompt_x0=prompt_x0, seed=seed, progress=progress)
+    hist = ft.fit()
+    SDComponents(unet=parts.unet, scheduler=parts.scheduler, text_encoder=parts.text_encoder,
+                 tokenizer=parts.tokenizer).save_pretrained(out_dir / "model")
+    return hist
+
+
+@torch.no_grad()
+def noun_maps(parts: SDComponents, world: shapes.ShapesWorld, images: torch.Tensor, rows: list[tuple[int, ...]], *, t: int = 300, seed: int = 0,
+              backend: str = "auto") -> torch.Tensor:
+    """Cross-attention maps (B, K, 8, 8) of each prompt's nouns on its own samples noised to t
+    (softmax-normalized over the text tokens as attention_losses sees them)."""
+    model = parts.eps_model()
+    specs = prompt_specs(parts, world, rows)
+    g = torch.Generator().manual_seed(seed)
+    tt = torch.full((len(rows),), t, dtype=torch.long)
+    x_t = model.schedule.add_noise(images, torch.randn(images.shape, generator=g), tt)
+    states = torch.stack([s.states for s in specs])
+    with capture_cross_attention(model.unet, 8, backend=backend) as store:
+        model(x_t, tt, states)
+        maps = store.maps()  # (B, 64, N)
+    out = []
+    for b, s in enumerate(specs):
+        a = torch.softmax(100 * maps[b, :, 1:s.text_end], -1)
+        out.append(a[:, s.tokens - 1].T.reshape(-1, 8, 8))
+    return torch.stack(out)

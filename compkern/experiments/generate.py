@@ -1,0 +1,77 @@
+"""`compkern generate`: composed Stable Diffusion generation with CompLift rejection, streamed
+into a resumable output folder, on one process or under ``torchrun --nproc-per-node N``.
+
+    compkern generate --model PATH --prompt "a black car AND a white clock" --n 100 --out DIR
+    torchrun --nproc-per-node 8 -m compkern.cli generate --model PATH --prompt "..." --num-images 100 --out DIR
+
+The argument parsing of ``compkern.pipelines.generate.generate`` (batches, seeds, scoring, shards,
+resume and the distributed protocol are described there).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from compkern.experiments._args import add_alias, set_threads  # noqa: F401
+from compkern.pipelines import lift_maps as LM
+from compkern.pipelines.composition import GENERATE_MODES
+from compkern.pipelines.generate import GenerateOptions, generate
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local diffusers folder: SD 1.x, 2.x, XL, or a pixel-space "
+                   "text-to-image model without vae/ (e.g. `compkern sepen train`'s base/model)")
+    p.add_argument("--prompt", required=True, help='expression of component prompts, e.g. "a black car AND a white clock AND NOT a dog"')
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=100,
+                   help="accepted images wanted (global, over all ranks); under torchrun write --num-images "
+                        "(torchrun's own parser takes --n for a prefix of --nnodes / --nproc-per-node)")
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (each rank)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="model dtype (fp32 on CPU recommended)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of every component")
+    p.add_argument("--negative-prompt", default="", help="base condition (row 0)")
+    p.add_argument("--eta", type=float, default=0.0, help="0: DDIM, 1: DDPM")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--generate", default="joint", choices=list(GENERATE_MODES),
+                   help="joint: guidance on the joint caption of the required components (\"a cat and a dog\"), the "
+                        "other components composed; composed: Composable Diffusion over every component")
+    p.add_argument("--lift", default="cached", choices=["cached", "fresh", "public", "none"],
+                   help="cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
+                        "on the final latents (noise target); public: CompLift's public scorer, --trials evenly spaced "
+                        "fresh trials with a fixed noise bank; none: accept everything")
+    p.add_argument("--target", default="term", choices=list(LM.TARGETS),
+                   help="target of cached / public trials: term (default: joint for the components every accepted "
+                        "image needs, noise for NOT / OR terms), the joint caption's prediction (recorded as one more "
+                        "condition row), the noise (recovered from x_t and the final latents), or the composed "
+                        "prediction (comparison only: NOT can never fail)")
+    p.add_argument("--record-every", type=int, default=2,
+                   help="cached: keep every k-th sampling step as a trial (the component rows are evaluated only "
+                        "there; 2, the default, scored as well as every step in `compkern main-job` for fewer rows)")
+    rules = ", ".join(f"{t} {r[0]:g}" for t, r in LM.DEFAULT_RULES.items())
+    p.add_argument("--threshold", type=float, default=None, help=f"pixel lift threshold (default per target: {rules})")
+    rules = ", ".join(f"{t} {r[1]:g}" for t, r in LM.DEFAULT_RULES.items())
+    p.add_argument("--min-pixels", type=float, default=None,
+                   help="latent pixels above threshold for a component to count as present (below 1: a fraction; "
+                        f"default per target: {rules})")
+    p.add_argument("--trials", type=int, default=50,
+                   help="fresh / public trials per image (fresh with --rule mean: the most the adaptive estimator may spend)")
+    p.add_argument("--rule", default="pixels", choices=["pixels", "mean"], help="object rule, or the mean-lift sign")
+    p.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="max UNet rows per call; auto (default): all (K+1) x B, halved on out-of-memory")
+    p.add_argument("--max-attempts", type=int, default=None, help="stop after this many images (default 20 x n)")
+    p.add_argument("--save-rejected", action="store_true", help="also write rejected images and their maps")
+    p.add_argument("--no-overlays", action="store_true", help="do not write lift-map overlay PNGs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+
+
+def run(args: argparse.Namespace) -> int:
+    set_threads(args)
+    m = generate(GenerateOptions.from_namespace(args))
+    if m is not None:
+        print(json.dumps({k: m[k] for k in ("n_accepted", "attempted", "acceptance_rate", "unet_rows",
+                                            "unet_rows_per_accepted", "complete")}))
+    return 0
