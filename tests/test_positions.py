@@ -285,6 +285,12 @@ def test_train_resume_and_eval_cli(tmp_path):
         P.run(parser.parse_args(other_steps))
     with pytest.raises(ValueError, match="--out"):  # another public t into the same file
         P.run(parser.parse_args(argv + ["--lift", "public", "--lift-t", "500"]))
+    with pytest.raises(ValueError, match="threshold"):  # cells keyed with every setting: no stale reuse
+        P.run(parser.parse_args(argv + ["--threshold", "0.2"]))
+    folder = tmp_path / "eval_dir"  # --out a folder: eval.json and eval_samples/ inside it
+    assert P.run(parser.parse_args([a if a != str(out) else str(folder) for a in argv[:-3]] + ["--no-progress"])) == 0
+    assert (folder / "eval.json").exists() and (folder / "eval_samples" / "eps_ula_null_1.pt").exists()
+    assert json.loads((folder / "eval.json").read_text())["eps:ula:null:1"]["model_run"]["size"] == 8
     assert "reverse diffusion" in P.format_table(res)
     assert P.run(parser.parse_args(["grid", str(out), "--png", str(tmp_path / "g2.png")])) == 0
     assert (tmp_path / "g2.png").stat().st_size > 0

@@ -19,7 +19,8 @@ from compkern.data.digits import ColoredDigits, full_support
 from compkern.models.attribute_unet import AttributeMLP
 from compkern.train.coind import (CoInDTrainer, build_digits_model, coind_schedule, compose_sample, conformity_score,
                                   implicit_jsd, load_or_train_classifier, load_run)
-from compkern.utils.checkpoint import atomic_write_json, load
+from compkern.utils.checkpoint import load
+from compkern.utils.run_folder import RunFolder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,7 +123,7 @@ def run_toy(args) -> dict:
             summary[f"lam{lam:g}_w{w:g}"] = {"mean": float(f.mean()), "min": float(f.min()), "max": float(f.max())}
             print(f"lam {lam:g} w {w:g}: fraction in the unseen mode {float(f.mean()):.3f} "
                   f"(min {float(f.min()):.3f}, max {float(f.max()):.3f}) over seeds {args.seeds}")
-    atomic_write_json({"rows": rows, "summary": summary}, Path(args.out) / "toy.json")
+    RunFolder(args.out).write_json("toy.json", {"rows": rows, "summary": summary})
     return summary
 
 
@@ -187,7 +188,7 @@ def run_eval(args) -> list[dict]:
         res = {"run": str(run), "config": cfg, "step": ck["step"], "last_log": ck["history"][-1] if ck["history"] else None,
                "jsd": jsd_res, "sweep": sweep, "best": best, "classifier_test": clf_acc,
                "n_per": args.n_per, "eval_seed": args.seed}
-        atomic_write_json(res, Path(run) / "eval.json")
+        RunFolder(run).write_json("eval.json", res)
         print(f"{run}: JSD unseen {jsd_res['unseen']['jsd']:.3f} (symKL {jsd_res['unseen']['symmetrized_kl']:.3f}), "
               f"JSD seen {jsd_res['seen']['jsd']:.3f}; best w={best['w']:g}: CS unseen {best['cs_unseen']:.3f}, "
               f"CS seen {best['cs_seen']:.3f}; classifier test CS {clf_acc['cs']:.3f}")

@@ -50,7 +50,8 @@ import torch
 from compkern.data import shapes
 from compkern.models.detector import DETECTION_THRESHOLD
 from compkern.pipelines import lift_maps as LM
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, check_run_folder, load
+from compkern.utils.checkpoint import load
+from compkern.utils.run_folder import RunFolder
 
 SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
 METHODS = ("none", "public", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = {k: getattr(args, k) for k in _FROZEN if k != "world"}
     cfg["world"] = world.to_dict()
     cfg["model"] = str(model.resolve())
-    check_run_folder(out, cfg, _FROZEN, what="benchmark")
+    folder = RunFolder(out, cfg, keys=_FROZEN, what="benchmark")
     pipe = CompositionPipeline.from_pretrained(model)
     detector = load_detector(world_dir)
     suites = args.suites.split(",") if args.suites else list(SUITES)
@@ -217,11 +218,11 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--suites: unknown {bad}; choose from {SUITES}")
     cells = [c for c in _cells(world, args.prompts) if c[0] in suites]
-    todo = [c for c in cells if not (out / "cells" / f"{c[0]}-{c[1]:02d}.pt").exists()]
+    todo = [c for c in cells if not folder.exists(f"cells/{c[0]}-{c[1]:02d}.pt")]
     for suite, i, expr, objs in tqdm(todo, desc="main-job cells", initial=len(cells) - len(todo), total=len(cells)):
         cell = run_cell(pipe, detector, expr, objs, cfg)
         cell["suite"] = suite
-        atomic_save(cell, out / "cells" / f"{suite}-{i:02d}.pt")
+        folder.save(f"cells/{suite}-{i:02d}.pt", cell)
     print(report(out))
     return 0
 
@@ -366,8 +367,9 @@ def report(out: Path, rules_from: Path | None = None) -> str:
             rows.append({"suite": suite, "method": method, "rule": kind, "rule_values": None if rule is None else list(rule),
                          **st, "rows_per_candidate": rows_sum / max(n_sum, 1), "rows_per_accepted": rows_sum / acc,
                          "wall_per_accepted": wall_sum / acc, "agreement_with_reference": agree})
-    atomic_write_json({"rules": {m: list(r) for m, r in rules.items()}, "rows": rows,
-                       "config": json.loads((out / "config.json").read_text())}, out / "results.json")
+    folder = RunFolder(out)
+    folder.write_json("results.json", {"rules": {m: list(r) for m, r in rules.items()}, "rows": rows,
+                                       "config": folder.stored_config()})
     lines = ["| suite | method | rule | base rate | precision | recall | accepted | rows / candidate | rows / accepted "
              "| wall s / accepted | agrees with 1000-trial ref |", "|" + "---|" * 11]
     for r in rows:

@@ -37,7 +37,8 @@ from compkern.samplers.compositions import POSITION_MCMC_STEP as DEFAULT_STEP
 from compkern.samplers.compositions import POSITION_METHODS as METHODS
 from compkern.samplers.compositions import compose_positions
 from compkern.train.positions import heldout_loss, load_run, train_position_model
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
+from compkern.utils.checkpoint import load
+from compkern.utils.run_folder import RunFolder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--no-progress", action="store_true")
 
     gr = sub.add_parser("grid", help="one PNG with a row of samples per method from one or more eval outputs")
-    gr.add_argument("evals", nargs="+", help="eval JSON files (their *_samples folders hold the images)")
+    gr.add_argument("evals", nargs="+", help="eval folders (or their eval JSON files; the *_samples folders beside them hold the images)")
     gr.add_argument("--png", default="docs/positions.png")
     gr.add_argument("--per-cell", type=int, default=2)
 
@@ -157,35 +158,46 @@ def _variant_config(mode: str, args) -> dict:
     return {"trials": args.lift_trials if mode == "fixed" else args.lift_max_trials}
 
 
-def _check_same(stored: dict, wanted: dict, what: str, out: Path) -> None:
-    diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
-    if diff:
-        raise ValueError(f"{out} holds {what} made with other settings (stored, requested): {diff}; "
-                         "pass another --out")
+def eval_paths(out: str | Path) -> tuple[Path, str]:
+    """(folder, results file name) of an eval's --out: a folder holds eval.json and eval_samples/;
+    an --out ending in .json (the older spelling) is that results file, its samples beside it."""
+    out = Path(out)
+    return (out.parent, out.name) if out.suffix == ".json" else (out, "eval.json")
+
+
+def _model_id(cfg: dict) -> dict:
+    """What identifies a trained model in a cell's settings: its training configuration."""
+    return {k: cfg.get(k) for k in ("model", "size", "steps", "batch_size", "lr", "p_empty", "p_uncond", "schedule")}
 
 
 def _eval(args) -> int:
     """Resumable: a cell's samples are saved (atomically) before its lifts, the results JSON after
-    every step, so a rerun only computes the missing cells and lift variants."""
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
+    every step, so a rerun only computes the missing cells and lift variants. Every cell and lift
+    variant stores the settings it was made with (the model's training config, seed, detection
+    threshold, sampler settings; the lift model and scorer settings): a rerun with other settings
+    into the same --out is refused instead of reusing stale cells."""
+    folder, name = eval_paths(args.out)
+    run_folder = RunFolder(folder)
+    results = run_folder.read_json(name, {})
     if args.table:
         print(format_table(results))
         return 0
     runs = {"eps": args.eps_run, "energy": args.energy_run}
     cells = [_parse_cell(c) for c in (args.methods or [c for c in DEFAULT_CELLS if runs[c.split(":")[0]]])]
-    models, size = {}, None
+    models, cfgs, size = {}, {}, None
     for kind, path in runs.items():
         if path and any(c[0] == kind for c in cells):
-            models[kind], cfg = load_run(path)
-            size = cfg["size"]
+            models[kind], cfgs[kind] = load_run(path)
+            size = cfgs[kind]["size"]
     missing = {c[0] for c in cells} - set(models)
     if missing:
         raise ValueError(f"cells need the {sorted(missing)} model run(s): pass --eps-run / --energy-run")
     lift_path = args.lift_run or args.eps_run
-    lift_model = None if args.no_lift or not lift_path else load_run(lift_path)[0]
+    lift_model = lift_cfg = None
+    if not args.no_lift and lift_path:
+        lift_model, lift_cfg = load_run(lift_path)
     variants = [] if lift_model is None else [(m, lb) for lb in args.lift_bases for m in args.lift]
-    sample_dir = out.parent / (out.stem + "_samples")
+    sample_dir = Path(name).stem + "_samples"
     jobs = [(c, n) for c in cells for n in args.objects]
     bar = tqdm(jobs, desc="positions eval", disable=args.no_progress)
     for (kind, method, base), n in bar:
@@ -195,40 +207,39 @@ def _eval(args) -> int:
                "eta": args.eta if method == "reverse" else None,
                "mcmc_steps": None if method == "reverse" else args.mcmc_steps,
                "step_size": None if method == "reverse" else (args.step_size or DEFAULT_STEP[method]),
-               "leapfrog": args.leapfrog if method == "hmc" else None, "clip_x0": args.clip_x0}
-        sample_file = sample_dir / f"{key.replace(':', '_')}.pt"
+               "leapfrog": args.leapfrog if method == "hmc" else None, "clip_x0": args.clip_x0,
+               "seed": args.seed, "threshold": args.threshold, "model_run": _model_id(cfgs[kind])}
+        sample_file = f"{sample_dir}/{key.replace(':', '_')}.pt"
         positions, g = _cell_positions(n, args.n, args.seed)
-        row = results.get(key)
-        if row is not None:
-            _check_same(row, gen, f"cell {key}", out)
-        if row is None or not sample_file.exists():
+        row = run_folder.cell(results, key, gen, what=f"cell {key}")
+        if row is None or not run_folder.exists(sample_file):
             t0 = time.time()
             r = compose_positions(models[kind], positions, method=method, base=base, scale=args.scale, steps=args.steps,
-                               eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size,
-                               leapfrog=args.leapfrog, size=size, clip_x0=args.clip_x0, chunk_size=args.chunk_size,
-                               progress=not args.no_progress, generator=g)
+                                  eta=args.eta, mcmc_steps=args.mcmc_steps, step_size=args.step_size,
+                                  leapfrog=args.leapfrog, size=size, clip_x0=args.clip_x0, chunk_size=args.chunk_size,
+                                  progress=not args.no_progress, generator=g)
             correct = position_accuracy(r["x"], positions, threshold=args.threshold)
-            atomic_save({"x": r["x"].clone(), "positions": positions.clone(), "correct": correct.clone()}, sample_file)
+            run_folder.save(sample_file, {"x": r["x"].clone(), "positions": positions.clone(), "correct": correct.clone()})
             row = {"model": kind, "method": method, "base": base, "objects": n, **gen,
                    "accuracy": float(correct.float().mean()), "evals_per_sample": r["n_evals"] / args.n,
                    "mh_accept": r["accept"], "mcmc_step_sizes": r["step_sizes"], "seconds": round(time.time() - t0, 1)}
             results[key] = row
-            atomic_write_json(results, out)
+            run_folder.write_json(name, results)
             tqdm.write(f"{key}: acc {row['accuracy']:.3f} ({row['seconds']:.0f} s)")
-        saved = load(sample_file)
+        saved = run_folder.load(sample_file)
         if not torch.equal(saved["positions"], positions):
-            raise ValueError(f"{sample_file} was made for other positions (--seed / --n differ); pass another --out")
+            raise ValueError(f"{run_folder.file(sample_file)} was made for other positions (--seed / --n differ); "
+                             "pass another --out")
         x, correct = saved["x"], saved["correct"]
         for mode, lift_base in variants:
             vkey = _variant_key(mode, lift_base)
-            vcfg = _variant_config(mode, args)
-            if vkey in row:
-                _check_same(row[vkey], vcfg, f"{key} {vkey}", out)
+            vcfg = {**_variant_config(mode, args), "lift_run": _model_id(lift_cfg)}
+            if run_folder.cell(row, vkey, vcfg, what=f"{key} {vkey}") is not None:
                 continue
             t0 = time.time()
             lr = accept_positions(lift_model, x, positions, mode=mode, n_trials=vcfg.get("trials", 0),
-                                 lift_t=args.lift_t, lift_base=lift_base, chunk_size=args.chunk_size,
-                                 generator=torch.Generator().manual_seed(args.seed + 7))
+                                  lift_t=args.lift_t, lift_base=lift_base, chunk_size=args.chunk_size,
+                                  generator=torch.Generator().manual_seed(args.seed + 7))
             acc = lr["accept"]
             k = int(acc.sum())
             row[vkey] = {**vcfg, "accepted": k, "accept_rate": k / args.n,
@@ -237,10 +248,10 @@ def _eval(args) -> int:
                          "lift_evals_per_sample": lr["n_evals"] / args.n,
                          "evals_per_accepted": (row["evals_per_sample"] * args.n + lr["n_evals"]) / k if k else None,
                          "seconds": round(time.time() - t0, 1)}
-            atomic_write_json(results, out)
+            run_folder.write_json(name, results)
     print(format_table(results))
     if args.png:
-        save_grid(load_grid_rows(sample_dir, [f"{k}:{m}:{b}" for k, m, b in cells], args.objects), args.png)
+        save_grid(load_grid_rows(run_folder.file(sample_dir), [f"{k}:{m}:{b}" for k, m, b in cells], args.objects), args.png)
     return 0
 
 
@@ -339,13 +350,13 @@ def save_grid(rows: list[tuple[str, dict]], png: str | Path, per_cell: int = 2) 
 def _grid(args) -> int:
     rows = []
     for path in args.evals:
-        path = Path(path)
-        results = json.loads(path.read_text())
+        folder, name = eval_paths(path)
+        results = json.loads((folder / name).read_text())
         order = sorted({(r["model"], r["method"], r["base"]) for r in results.values()},
                        key=lambda c: (c[0] != "eps", list(METHODS).index(c[1]), c[2] != "null"))
         cells = [":".join(c) for c in order]
         objects = sorted({r["objects"] for r in results.values()})
-        rows += load_grid_rows(path.parent / (path.stem + "_samples"), cells, objects)
+        rows += load_grid_rows(folder / (Path(name).stem + "_samples"), cells, objects)
     save_grid(rows, args.png, per_cell=args.per_cell)
     print(f"wrote {args.png} ({len(rows)} methods)")
     return 0

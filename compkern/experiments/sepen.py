@@ -30,7 +30,7 @@ from compkern.models.unet import SDComponents
 from compkern.train.detector import train_detector
 from compkern.train.sepen import (PROMPT_SETS, export_base, finetune, load_detector, load_model, load_world, noun_maps,
                                   sample, success_rates, train_base)
-from compkern.utils.checkpoint import atomic_save, atomic_write_json
+from compkern.utils.run_folder import RunFolder
 
 
 # -- figures and reports (presentation of a run folder) ----------------------------------------
@@ -184,10 +184,10 @@ def run(args: argparse.Namespace) -> int:
         saved = load_world(out, world)
         if saved != world:
             raise ValueError(f"{out} holds a run of another world ({saved.to_dict()}); pick another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(world.to_dict(), out / "world.json")
+        folder = RunFolder(out, world.to_dict(), keys=(), config_file="world.json")  # checked above (older world.json lack keys)
     else:
         world = load_world(out, world)
+        folder = RunFolder(out)
     progress = not args.no_progress
     clip = None if args.no_clip else 1.0
     tta = {"step_size": args.tta_step, "t_stop": args.tta_t_stop}
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         if args.what in ("detector", "all"):
             t0 = time.time()
             det, acc = train_detector(seed=args.seed, progress=progress)
-            atomic_save({"state_dict": det.state_dict(), "accuracy": acc}, out / "detector.pt")
+            folder.save("detector.pt", {"state_dict": det.state_dict(), "accuracy": acc})
             print(f"detector: {out / 'detector.pt'} held-out accuracy {acc} ({time.time() - t0:.0f} s)")
         return 0
     if args.action == "finetune":
@@ -224,9 +224,9 @@ def run(args: argparse.Namespace) -> int:
         settings = {"n_per_prompt": args.n, "sample_steps": args.sample_steps, "guidance": args.guidance,
                     "eta": args.eta, "clip_x0": clip, "tta": tta if args.model == "tta" else None}
         tag = args.model.replace(":", "-") + (f"-s{args.tta_step:g}" if args.model == "tta" else "") + f"-seed{args.seed}"
-        path = out / f"eval-{tag}.json"
+        results_file = f"eval-{tag}.json"
         # one file per (model, seed): sets evaluated earlier stay, each with the settings it ran with
-        results = json.loads(path.read_text()) if path.exists() else {}
+        results = folder.read_json(results_file, {})
         results.update({"model": args.model, "seed": args.seed})
         for name in sets:
             t0 = time.time()
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                                 guidance=args.guidance, clip_x0=clip, eta=args.eta,
                                 tta=settings["tta"], backend=args.backend, progress=progress)
             r = results[name] = {**success_rates(det, world, imgs, rows), "settings": settings}
-            atomic_write_json(results, path)
+            folder.write_json(results_file, results)
             print(f"{args.model:>12s} {name:>8s}: success {r['success']:.3f}  missing {r['missing']:.3f}  "
                   f"swapped/dup {r['swapped_or_duplicated']:.3f}  detected by position "
                   f"{[round(v, 3) for v in r['detected_by_position']]}  (n={r['n']}, {time.time() - t0:.0f} s)")
