@@ -1,10 +1,17 @@
 """`compkern <command>`: each subcommand lives in its own module with ``add_arguments(parser)`` and
-``run(args)``; modules are imported only when their command runs."""
+``run(args)``; modules are imported only when their command runs.
+
+Every subcommand speaks one vocabulary (compkern.experiments._args): --batch-size, --train-steps,
+--sample-steps, --out (a folder), --threads, --no-progress, --seed; older spellings (--batch,
+--steps, --ddim-steps, bench's --out FILE) are hidden aliases for one release."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+DESCRIPTION = ("compositional diffusion (CompLift, composable diffusion, MCMC samplers, CoInD, SepEn) on small models; "
+               "`compkern COMMAND --help` for a command's options")
 
 COMMANDS = {
     "demo": ("compkern.experiments.demo", "CompLift on 2-D compositions: train tiny models, print the accuracy table, write a PNG"),
@@ -22,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "main-job"]:
         argv = ["main-job", *argv[2:]]
-    parser = argparse.ArgumentParser(prog="compkern", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+    width = max(map(len, COMMANDS))
+    epilog = "commands:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
+    parser = argparse.ArgumentParser(prog="compkern", description=DESCRIPTION, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", metavar="COMMAND", choices=list(COMMANDS), help="one of the commands below")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.error(f"unknown command {argv[0]!r}")
         return 0

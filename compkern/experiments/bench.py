@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from compkern.experiments._args import add_alias
+
 SD_C, SD_H, SD_W = 4, 64, 64  # Stable Diffusion latents
 MiB = 2**20
 
@@ -186,7 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall time, or this thread's CPU time (needs --threads 1; robust when other "
                              "processes share the cores)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves compile time)")
-    parser.add_argument("--out", default=None, help="also append the markdown table to this file")
+    parser.add_argument("--results", dest="out", default=None, help="also append the markdown table to this file")
+    add_alias(parser, "--out", "out")  # old spelling (--out is a folder everywhere else)
 
 
 def _reexec_with_thp() -> None:

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from compkern.experiments._args import add_alias, add_batch_size
 from compkern.kernels import reference
 from compkern.ops import aggregate_attention, attention_losses
 
@@ -32,7 +33,7 @@ VARIANTS = ("eager", "compile", "cpp", "triton")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=8)
+    add_batch_size(parser, 8, dest="batch")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=16)
@@ -45,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
-    parser.add_argument("--out", default=None, help="also append the markdown table to this file")
+    parser.add_argument("--results", dest="out", default=None, help="also append the markdown table to this file")
+    add_alias(parser, "--out", "out")  # old spelling (--out is a folder everywhere else)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or this thread's CPU time (needs --threads 1; robust on a shared CPU)")

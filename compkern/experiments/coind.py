@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from compkern.data.digits import ColoredDigits, full_support
+from compkern.experiments._args import (add_batch_size, add_progress, add_sample_steps, add_seed, add_threads,
+                                        add_train_steps)
 from compkern.models.attribute_unet import AttributeMLP
 from compkern.train.coind import (CoInDTrainer, build_digits_model, coind_schedule, compose_sample, conformity_score,
                                   implicit_jsd, load_or_train_classifier, load_run)
@@ -26,16 +28,16 @@ from compkern.utils.run_folder import RunFolder
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (use 1 on a shared machine)")
+    add_threads(common)
 
     t = sub.add_parser("toy", parents=[common], help="2-D positive control: vanilla vs CoInD on the unseen mode")
-    t.add_argument("--steps", type=int, default=3000)
+    add_train_steps(t, 3000, dest="steps")
     t.add_argument("--lam", type=float, nargs="+", default=[0.0, 1.0])
     t.add_argument("--sigma", type=float, default=0.1)
     t.add_argument("--n", type=int, default=2000, help="samples of the unseen combination")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument("--weights", type=float, nargs="+", default=[1.0, 3.0, 6.0])
-    t.add_argument("--batch", type=int, default=512)
+    add_batch_size(t, 512, dest="batch")
     t.add_argument("--masking", choices=["independent", "joint"], default="independent")
     t.add_argument("--out", default="runs/coind/toy")
 
@@ -43,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--out", required=True)
     tr.add_argument("--support", choices=["full", "partial"], default="partial")
     tr.add_argument("--lam", type=float, default=1.0)
-    tr.add_argument("--steps", type=int, default=8000)
-    tr.add_argument("--batch", type=int, default=64)
+    add_train_steps(tr, 8000, dest="steps")
+    add_batch_size(tr, 64, dest="batch")
     tr.add_argument("--ci-batch", type=int, default=16)
     tr.add_argument("--p-drop", type=float, default=0.2)
     tr.add_argument("--masking", choices=["independent", "joint"], default="independent")
@@ -54,16 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--colors", type=int, default=5)
     tr.add_argument("--channels", type=int, nargs="+", default=[32, 64])
     tr.add_argument("--no-attention", action="store_true")
-    tr.add_argument("--seed", type=int, default=0)
+    add_seed(tr)
     tr.add_argument("--save-every", type=int, default=500)
-    tr.add_argument("--no-progress", action="store_true")
+    add_progress(tr)
 
     ev = sub.add_parser("eval", parents=[common], help="JSD and conformity score of trained runs")
     ev.add_argument("runs", nargs="+")
     ev.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
     ev.add_argument("--n-per", type=int, default=20, help="samples per (digit, color) combination")
     ev.add_argument("--jsd-per", type=int, default=5, help="real test images per combination for JSD")
-    ev.add_argument("--ddim-steps", type=int, default=50)
+    add_sample_steps(ev, 50, "DDIM sampling steps", dest="ddim_steps", old=("--ddim-steps",))
     ev.add_argument("--joint", action="store_true", help="also sample with joint (digit, color) guidance")
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--classifier", default="runs/coind/classifier_s{size}.pt")

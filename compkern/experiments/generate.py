@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from compkern.experiments._args import add_alias, set_threads  # noqa: F401
+from compkern.experiments._args import add_progress, add_sample_steps, set_threads
 from compkern.pipelines import lift_maps as LM
 from compkern.pipelines.composition import GENERATE_MODES
 from compkern.pipelines.generate import GenerateOptions, generate
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (each rank)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="model dtype (fp32 on CPU recommended)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    add_sample_steps(p, 50, "sampling (DDIM / DDPM) steps", dest="steps")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of every component")
     p.add_argument("--negative-prompt", default="", help="base condition (row 0)")
     p.add_argument("--eta", type=float, default=0.0, help="0: DDIM, 1: DDPM")
@@ -66,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-rejected", action="store_true", help="also write rejected images and their maps")
     p.add_argument("--no-overlays", action="store_true", help="do not write lift-map overlay PNGs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from compkern.data import shapes
+from compkern.experiments._args import add_progress, add_sample_steps, add_threads
 from compkern.models.detector import DETECTION_THRESHOLD
 from compkern.pipelines import lift_maps as LM
 from compkern.utils.checkpoint import load
@@ -189,8 +190,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from tqdm.auto import tqdm
 
-    from compkern.train.sepen import load_detector, load_world
     from compkern.pipelines.composition import CompositionPipeline
+    from compkern.train.sepen import load_detector, load_world
 
     for name in ("n", "prompts", "steps", "public_trials", "ref_trials"):
         if getattr(args, name) < 1:
@@ -219,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--suites: unknown {bad}; choose from {SUITES}")
     cells = [c for c in _cells(world, args.prompts) if c[0] in suites]
     todo = [c for c in cells if not folder.exists(f"cells/{c[0]}-{c[1]:02d}.pt")]
-    for suite, i, expr, objs in tqdm(todo, desc="main-job cells", initial=len(cells) - len(todo), total=len(cells)):
+    for suite, i, expr, objs in tqdm(todo, desc="main-job cells", initial=len(cells) - len(todo), total=len(cells),
+                                     disable=getattr(args, "no_progress", False)):
         cell = run_cell(pipe, detector, expr, objs, cfg)
         cell["suite"] = suite
         folder.save(f"cells/{suite}-{i:02d}.pt", cell)
@@ -451,10 +453,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-n", type=int, default=4, help="candidates per prompt scored by the 1000-trial reference")
     p.add_argument("--ref-trials", type=int, default=1000)
     p.add_argument("--public-trials", type=int, default=200)
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    add_sample_steps(p, 50, dest="steps")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--eta", type=float, default=1.0, help="1: ancestral DDPM (the world's sampler), 0: DDIM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suites", default=None, help=f"comma-separated subset of {','.join(SUITES)} (default all; "
                    "processes running disjoint subsets may share one folder)")
-    p.add_argument("--threads", type=int, default=None)
+    add_threads(p)
+    add_progress(p)

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compkern.data.clevr import position_accuracy, sample_positions
+from compkern.experiments._args import add_batch_size, add_progress, add_sample_steps, add_threads, add_train_steps
 from compkern.lift.fixed_t import PUBLIC_CLEVR_T
 from compkern.lift.positions import LIFT_MODES, accept_positions
 from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, position_schedule
@@ -44,28 +45,28 @@ from compkern.utils.run_folder import RunFolder
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (use 1 on a shared machine)")
+    add_threads(common)
 
     tr = sub.add_parser("train", parents=[common], help="train the one-object position model (resumable)")
-    tr.add_argument("--out", required=True)
+    tr.add_argument("--out", required=True, help="training folder (resumable)")
     tr.add_argument("--energy", action="store_true", help="energy-parameterized (RRR) variant")
     tr.add_argument("--size", type=int, default=24)
     tr.add_argument("--channels", type=int, nargs="+", default=[24, 48])
     tr.add_argument("--attention", action="store_true")
-    tr.add_argument("--steps", type=int, default=2000)
-    tr.add_argument("--batch", type=int, default=32)
+    add_train_steps(tr, 2000, dest="steps")
+    add_batch_size(tr, 32, dest="batch")
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--p-empty", type=float, default=0.15, help="fraction of empty (background) scenes")
     tr.add_argument("--p-uncond", type=float, default=0.1, help="condition dropped to the null")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save-every", type=int, default=100)
-    tr.add_argument("--no-progress", action="store_true")
+    add_progress(tr)
 
     samp = argparse.ArgumentParser(add_help=False)
     samp.add_argument("--base", choices=["null", "background"], default="background",
                       help="base condition of the composition (background: projective composition)")
     samp.add_argument("--scale", type=float, default=1.0, help="weight of every object condition")
-    samp.add_argument("--steps", type=int, default=50, help="reverse-diffusion steps / annealing levels")
+    add_sample_steps(samp, 50, "reverse-diffusion steps / annealing levels", dest="steps")
     samp.add_argument("--eta", type=float, default=1.0, help="reverse diffusion: 1 ancestral (DDPM), 0 DDIM")
     samp.add_argument("--mcmc-steps", type=int, default=2, help="MCMC steps per level")
     samp.add_argument("--step-size", type=float, default=None, help="MCMC step size (default per kind)")
@@ -103,11 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "(log p(x|y) - log p(x|empty scene))")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threshold", type=float, default=0.1, help="detection distance threshold (normalized)")
-    ev.add_argument("--out", default="runs/positions/eval.json")
+    ev.add_argument("--out", default="runs/positions/eval",
+                    help="eval folder: eval.json and eval_samples/ (a path ending in .json: that results file)")
     ev.add_argument("--png", default=None, help="grid of samples per method (e.g. docs/positions.png)")
     ev.add_argument("--table", action="store_true", help="only print the table of an existing --out")
     ev.add_argument("--chunk-size", type=int, default=128, help="most rows per model call")
-    ev.add_argument("--no-progress", action="store_true")
+    add_progress(ev)
 
     gr = sub.add_parser("grid", help="one PNG with a row of samples per method from one or more eval outputs")
     gr.add_argument("evals", nargs="+", help="eval folders (or their eval JSON files; the *_samples folders beside them hold the images)")

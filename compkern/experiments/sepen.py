@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from compkern.data import shapes
+from compkern.experiments._args import add_progress, add_sample_steps, add_threads, add_train_steps
 from compkern.models.detector import OUTCOMES, ShapeDetector, score_samples
 from compkern.models.shapes import build_components
 from compkern.models.unet import SDComponents
@@ -31,7 +32,6 @@ from compkern.train.detector import train_detector
 from compkern.train.sepen import (PROMPT_SETS, export_base, finetune, load_detector, load_model, load_world, noun_maps,
                                   sample, success_rates, train_base)
 from compkern.utils.run_folder import RunFolder
-
 
 # -- figures and reports (presentation of a run folder) ----------------------------------------
 
@@ -138,9 +138,9 @@ def save_grid(images: torch.Tensor, rows: list[tuple[int, ...]], path: Path, *, 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["train", "finetune", "sample", "eval", "report", "figure"])
     p.add_argument("--out", default="runs/sepen", help="run folder (default runs/sepen)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    add_threads(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="train: base steps (4000); finetune: SepEn steps (200)")
+    add_train_steps(p, None, "train: base steps (4000); finetune: SepEn steps (200)", dest="steps")
     p.add_argument("--what", choices=["base", "detector", "all", "export"], default="all",
                    help="train: which part (export: write the latest base checkpoint's EMA as base/model)")
     p.add_argument("--pair-fraction", type=float, default=0.1, help="train: share of two-object scenes")
@@ -163,7 +163,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="base", help="eval/sample: base | tta | ft:<name>")
     p.add_argument("--sets", default="heldout,seen,single", help="eval: prompt sets")
     p.add_argument("--n", type=int, default=16, help="eval/sample: samples per prompt")
-    p.add_argument("--sample-steps", type=int, default=50)
+    add_sample_steps(p, 50, "eval/sample/figure: sampling steps", old=())
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--eta", type=float, default=1.0, help="1: ancestral DDPM, 0: DDIM")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
@@ -172,7 +172,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="sample: a caption such as 'a red square and a green ring'")
     p.add_argument("--png", default=None, help="sample/figure: output PNG")
     p.add_argument("--backend", default="auto", help="attention op backend (auto, torch, cpp, triton)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:

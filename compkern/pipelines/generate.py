@@ -73,11 +73,15 @@ class GenerateOptions:
     max_attempts: int | None = None
     save_rejected: bool = False
     no_overlays: bool = False
+    progress: bool = True
 
     @classmethod
     def from_namespace(cls, ns: Any) -> "GenerateOptions":
         """The options of an argparse Namespace (extra attributes such as ``threads`` ignored)."""
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+        kw = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+        if hasattr(ns, "no_progress"):
+            kw["progress"] = not ns.no_progress
+        return cls(**kw)
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -204,7 +208,7 @@ def generate(args: GenerateOptions) -> dict | None:
         accepted_total = sum(r["accepted"] for s in done.values() for r in s["records"])
         max_attempts = args.max_attempts or 20 * args.n
         pending = [j for j in range(math.ceil(max_attempts / args.batch_size)) if j not in done]
-        bar = tqdm(total=args.n, initial=min(accepted_total, args.n), desc="accepted", disable=dist.rank != 0)
+        bar = tqdm(total=args.n, initial=min(accepted_total, args.n), desc="accepted", disable=dist.rank != 0 or not getattr(args, "progress", True))
         seen: dict = {}  # rank 0's shard cache for the per-round manifest merge
         rnd = 0
         while accepted_total < args.n and rnd * dist.world < len(pending):
