@@ -80,7 +80,7 @@ def test_defaults_survive_the_aliases():
 
 def test_coind_end_to_end_tiny(tmp_path, capsys):
     """coind toy, then train / eval / sample on 8x8 digits with a tiny model (seconds)."""
-    from compkern.train.coind import AttributeClassifier
+    from compkern.models import AttributeClassifier
     from compkern.utils.checkpoint import atomic_save
 
     toy = tmp_path / "toy"

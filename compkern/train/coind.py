@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from compkern.data.digits import ColoredDigits
 from compkern.models.attribute_unet import AttributeUNet
+from compkern.models.classifier import AttributeClassifier
 from compkern.models.base import EpsModel, evaluate_conditions
 from compkern.models.schedule import NoiseSchedule
 from compkern.samplers import ComposedEps, ddim_sample
@@ -337,23 +338,6 @@ def implicit_jsd(model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor, lab
             "acc_marginal_0": float((m1.argmax(1) == labels[:, 0]).float().mean()),
             "acc_marginal_1": float((m2.argmax(1) == labels[:, 1]).float().mean()),
             "acc_joint": float((pred_joint == labels[:, 0] * n2 + labels[:, 1]).float().mean())}
-
-
-class AttributeClassifier(nn.Module):
-    """Small CNN, one head per attribute: x (N, C, H, W) -> list of A logits (N, n_values[a])."""
-
-    def __init__(self, n_values: Sequence[int], in_channels: int = 3, width: int = 32):
-        super().__init__()
-        self.config = dict(n_values=list(n_values), in_channels=in_channels, width=width)
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(), nn.Conv2d(2 * width, 2 * width, 3, padding=1),
-            nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
-        self.heads = nn.ModuleList(nn.Linear(8 * width, int(n)) for n in n_values)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.features(x)
-        return [head(h) for head in self.heads]
 
 
 def train_attribute_classifier(data_fn: DataFn, n_values: Sequence[int], *, steps: int = 1500, batch: int = 128,
