@@ -1,8 +1,18 @@
-"""Atomic writes: write to a temp file in the same folder, fsync, then rename over the target."""
+"""Atomic writes (write to a temp file in the same folder, fsync, then rename over the target) and
+safe loading (``torch.load(weights_only=True)``: a file in a run folder can hold tensors, numbers,
+strings, None and dicts / lists / tuples of them, and nothing that runs code when unpickled).
+
+What the library saves (every ``atomic_save`` / ``RunFolder.save`` call site): Trainer checkpoints
+(module and optimizer state dicts, generator / RNG byte tensors, step, history), rejection shards,
+main-job and generate cells, CoInD classifiers, demo component models, detector and position
+samples: all plain containers of tensors and JSON-like values, so ``SAFE_GLOBALS`` is empty. A
+class that some file must hold goes there (and into the test that round-trips every kind).
+"""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,8 +45,30 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
+#: Non-container, non-tensor types that checkpoint files may hold (allow-listed for unpickling).
+SAFE_GLOBALS: list[Any] = []
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """A file that ``load`` refuses: it is not a torch checkpoint of plain data (it would import or
+    call something that is not allow-listed, e.g. a crafted pickle)."""
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """``torch.load`` with ``weights_only=True`` (plus ``SAFE_GLOBALS``): never runs code stored in the
+    file. A file that needs anything else raises UnsafeCheckpointError (a ValueError) naming it."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line),
+                      reason[0] if reason else type(e).__name__)
+        raise UnsafeCheckpointError(
+            f"refusing to load {os.fspath(path)}: it is not a checkpoint of plain tensors and containers "
+            f"(the weights-only unpickler refused it: {detail}); a pickle that imports or calls anything "
+            "else could run code. Files in a run folder must come from compkern: delete this one or use a "
+            "fresh folder") from None
 
 
 def check_run_folder(out: str | os.PathLike, cfg: dict, keys: tuple[str, ...], *, what: str = "run",
