@@ -58,3 +58,11 @@ def test_not_fails_and_passes_at_the_defaults(b_drawn):
                             schedule=sched)
     assert maps.targets == ("noise", "noise")
     assert bool(accept(comp, maps)[0]) is (not b_drawn)
+
+
+def test_record_every_default_follows_the_target():
+    from compkern.pipelines.generate import record_every_default
+
+    assert record_every_default(parse_composition("a cat AND a dog"), "auto") == 2  # joint: half the steps do
+    assert record_every_default(parse_composition("a cat AND NOT a dog"), "auto") == 1  # noise: every step
+    assert record_every_default(parse_composition("a cat AND NOT a dog"), "joint") == 2

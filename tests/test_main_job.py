@@ -49,6 +49,8 @@ def test_runs_resumes_and_refuses_other_settings(world, tmp_path, capsys):
     assert ("or", "cached-joint", "default") not in rows  # an OR has no joint caption
     # the default target: the joint for the required component, the noise for the NOT; an OR scores the noise
     assert rows[("not", "cached-term", "default")]["rows_per_candidate"] == 6
+    assert rows[("not", "cached-auto", "default")]["rows_per_candidate"] == 6  # generate's default: the noise here
+    assert rows[("not", "cached-auto", "default")]["accepted"] == rows[("not", "cached-noise", "default")]["accepted"]
     assert ("or", "cached-term", "default") in rows and ("or", "cached-term-every2", "default") not in rows
     assert len(res["rules"]["cached-term"]) == 4 and res["rules"]["cached-term"][:2] == res["rules"]["cached-joint"]
     assert (out / "table.md").exists() and (out / "grid.png").exists()

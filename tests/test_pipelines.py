@@ -477,7 +477,7 @@ def test_pixel_space_folder_runs_through_the_pipeline_and_generate(pixel_path, t
                  "--batch-size", "2", "--prompt", "a red_square AND NOT a green_cross", "--dtype", "fp32",
                  "--device", "cpu", "--threads", "1", "--save-rejected"]) == 0
     m = json.loads((run / "manifest.json").read_text())
-    assert m["attempted"] == 2 and m["config"]["generate"] == "joint" and m["config"]["target"] == "term"
+    assert m["attempted"] == 2 and m["config"]["generate"] == "joint" and m["config"]["target"] == "auto"
     assert all((run / f"images/{i:06d}.png").exists() for i in range(2))
 
 

@@ -43,14 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
                         "on the final latents (noise target); public: CompLift's public scorer, --trials evenly spaced "
                         "fresh trials with a fixed noise bank; none: accept everything")
-    p.add_argument("--target", default="term", choices=list(LM.TARGETS),
-                   help="target of cached / public trials: term (default: joint for the components every accepted "
-                        "image needs, noise for NOT / OR terms), the joint caption's prediction (recorded as one more "
-                        "condition row), the noise (recovered from x_t and the final latents), or the composed "
-                        "prediction (comparison only: NOT can never fail)")
-    p.add_argument("--record-every", type=int, default=2,
+    p.add_argument("--target", default="auto", choices=list(LM.TARGETS),
+                   help="target of cached / public trials: auto (default: joint for a pure AND of two or more "
+                        "components, noise otherwise), term (joint for the components every accepted image needs, "
+                        "noise for NOT / OR terms), the joint caption's prediction (recorded as one more condition "
+                        "row), the noise (recovered from x_t and the final latents), or the composed prediction "
+                        "(comparison only: NOT can never fail)")
+    p.add_argument("--record-every", type=int, default=None,
                    help="cached: keep every k-th sampling step as a trial (the component rows are evaluated only "
-                        "there; 2, the default, scored as well as every step in `compkern main-job` for fewer rows)")
+                        "there); default 2 where the target is the joint caption (as good as every step in "
+                        "`compkern main-job`), else 1 (the noise target needs every step)")
     rules = ", ".join(f"{t} {r[0]:g}" for t, r in LM.DEFAULT_RULES.items())
     p.add_argument("--threshold", type=float, default=None, help=f"pixel lift threshold (default per target: {rules})")
     rules = ", ".join(f"{t} {r[1]:g}" for t, r in LM.DEFAULT_RULES.items())

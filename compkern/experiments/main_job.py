@@ -20,9 +20,11 @@ other terms composed; OR: composed), every method scoring the same candidates:
 - public: CompLift's public text-to-image scorer made faithful: 200 evenly spaced fresh trials
   with one noise bank, the full prompt (joint caption) as target for AND prompts (the noise
   elsewhere: the public code defines no target for NOT / OR), one image at a time;
+- cached-auto: the default of `compkern generate` (target 'auto': the joint caption for a pure
+  AND, scored on every other step; the noise elsewhere, scored on every step);
 - cached-term / cached-joint / cached-noise / cached-composed: the sampling run's own steps,
-  targets of ``cached_lift_maps`` (term, the default: joint for the required components, noise
-  for the others, each with its own rule; composed: the old default, for comparison); *-every2:
+  targets of ``cached_lift_maps`` (term: joint for the required components, noise for the
+  others, each with its own rule; composed: the old default, for comparison); *-every2:
   every other step of the same record, as `--record-every 2` keeps it (its rows are counted as
   that run evaluates them; its wall time is the plain run's plus half the record's extra);
 - fresh-32: 32 uniform-t fresh trials, noise target; fresh-adaptive: compkern.lift.estimate_lift
@@ -55,11 +57,13 @@ from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
 
 SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
-METHODS = ("none", "public", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
+METHODS = ("none", "public", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
            "cached-noise-every2", "cached-composed", "fresh-32", "fresh-adaptive")
-PIXEL_METHODS = ("public", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
+PIXEL_METHODS = ("public", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
                  "cached-noise-every2", "cached-composed", "fresh-32", "reference")
 # the 'term' target (lift_maps.per_term) from a cell's stored maps: (joint maps, noise maps)
+# the default of `compkern generate` (target 'auto', record_every_default): (its joint maps, its noise maps)
+AUTO_METHODS = {"cached-auto": ("cached-joint-every2", "cached-noise")}
 TERM_METHODS = {"cached-term": ("cached-joint", "cached-noise"),
                 "cached-term-every2": ("cached-joint-every2", "cached-noise-every2")}
 THRESHOLDS = (0.0, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -102,8 +106,17 @@ def judge(detector, images: torch.Tensor, objs: list[int], expression) -> tuple[
 
 def _public_target(comp) -> str:
     """The public scorer's target: the full prompt (joint) for a pure AND, else the noise (the
-    public code defines no target for NOT / OR)."""
-    return "joint" if comp.joint is not None and len(comp.expression.required()) == comp.K else "noise"
+    public code defines no target for NOT / OR): lift_maps' 'auto'."""
+    return LM.resolve_target("auto", comp.expression.required(), comp.K)
+
+
+def _auto_source(cell: dict, method: str) -> tuple[str, str]:
+    """(stored maps, target) that an AUTO_METHODS method reads in this cell."""
+    from compkern.pipelines.composition import parse_composition
+
+    target = _public_target(parse_composition(cell["expression"]))
+    j, nz = AUTO_METHODS[method]
+    return (j if target == "joint" else nz), target
 
 
 # -- one cell -----------------------------------------------------------------------------------
@@ -236,6 +249,9 @@ def _maps(cell: dict, method: str) -> LM.LiftMaps | None:
 
     comp = parse_composition(cell["expression"])
     one = lambda m, t: LM.LiftMaps(cell["maps"][m].float(), 1, 0, (t,) * cell["K"])  # noqa: E731
+    if method in AUTO_METHODS:
+        src, target = _auto_source(cell, method)
+        return one(src, target) if src in cell["maps"] else None
     if method in TERM_METHODS:
         j, nz = TERM_METHODS[method]
         if nz not in cell["maps"]:
@@ -252,6 +268,8 @@ def _maps(cell: dict, method: str) -> LM.LiftMaps | None:
 
 def _score(cell: dict, method: str) -> dict:
     """rows / wall per candidate of a method's scoring and the generation it scores ('gen')."""
+    if method in AUTO_METHODS:
+        return cell["score"][_auto_source(cell, method)[0]]
     if method in TERM_METHODS:
         parts = [cell["score"][m] for m in TERM_METHODS[method] if m in cell["score"]]
         return {"rows": sum(p["rows"] for p in parts), "wall": sum(p["wall"] for p in parts), "gen": parts[-1]["gen"]}
@@ -326,8 +344,9 @@ def report(out: Path, rules_from: Path | None = None) -> str:
     cells = [load(f) for f in files]
     present = {m for m in PIXEL_METHODS if any(_maps(c, m) is not None for c in cells)}
     if rules_from is None:
-        rules = {m: calibrate_rule(cells, m) for m in PIXEL_METHODS if m in present and m not in TERM_METHODS}
-        for m, (j, _) in TERM_METHODS.items():
+        two = {**TERM_METHODS, **AUTO_METHODS}  # a rule per target: the joint rows' rule fixed, the noise rows' chosen
+        rules = {m: calibrate_rule(cells, m) for m in PIXEL_METHODS if m in present and m not in two}
+        for m, (j, _) in two.items():
             if m in present and rules.get(j):
                 rules[m] = calibrate_rule(cells, m, rules[j])
     else:
@@ -382,7 +401,7 @@ def report(out: Path, rules_from: Path | None = None) -> str:
                      f"{_f(r['agreement_with_reference'])} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    if "cached-term" in present:
+    if "cached-auto" in present:
         grid(cells, None, out / "grid.png")
     return table
 
@@ -397,7 +416,7 @@ def _f(x: float, fmt: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def grid(cells: list[dict], rule: tuple[float, ...] | None, path: Path, method: str = "cached-term",
+def grid(cells: list[dict], rule: tuple[float, ...] | None, path: Path, method: str = "cached-auto",
          per_suite: int = 4) -> None:
     """A PNG: per suite, candidates with the method's verdict (green accepted / red rejected), the
     detector's truth, and each component's lift map below the image."""

@@ -8,10 +8,11 @@ process or under ``torchrun --nproc-per-node N``: the library behind `compkern g
 Work is cut into batches of ``batch_size`` images; image i has seed ``seed + i`` and batch j
 holds images [j * batch_size, (j + 1) * batch_size). Each batch is generated (one batched UNet
 call per step for all condition rows: by default guidance on the joint caption, the other terms
-composed), scored (``score``: by default CompLift lift maps cached from every other sampling step,
-each component against its own target: the joint caption's prediction for the required
-components, the noise for NOT / OR terms, each with its pixel rule, ``lift_maps.DEFAULT_RULES``:
-the settings `compkern main-job` measured best) and accepted or rejected, then committed as one
+composed), scored (``score``: by default CompLift lift maps cached from the sampling run's own
+steps against the 'auto' target, ``lift_maps.resolve_target``: the joint caption's prediction
+for a pure AND, scored on every other step, the noise for anything with a NOT / OR term, scored
+on every step, each with its pixel rule, ``lift_maps.DEFAULT_RULES``: the settings `compkern
+main-job` measured best) and accepted or rejected, then committed as one
 atomic shard ``shards/batch-JJJJJJ.pt`` (``run_batch``; accepted images and their lift-map
 overlays are written first). The folder is a ``compkern.utils.run_folder.RunFolder``: a rerun
 with the same settings skips committed batches, so an interrupted run resumes where it stopped;
@@ -63,8 +64,8 @@ class GenerateOptions:
     width: int | None = None
     generate: str = "joint"
     lift: str = "cached"
-    target: str = "term"
-    record_every: int = 2
+    target: str = "auto"
+    record_every: int | None = None  # None: record_every_default
     threshold: float | None = None
     min_pixels: float | None = None
     trials: int = 50
@@ -176,7 +177,7 @@ def generate(args: GenerateOptions) -> dict | None:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.record_every < 1:
+    if args.record_every is not None and args.record_every < 1:
         raise ValueError(f"--record-every must be >= 1, got {args.record_every}")
     if args.trials < 1 and args.lift in ("fresh", "public"):
         raise ValueError(f"--trials must be >= 1 with --lift {args.lift}, got {args.trials}")
@@ -262,7 +263,15 @@ def score(pipe, comp, res, args, *, seed: int) -> tuple[LM.LiftMaps | None, torc
 
 def _uses_joint(comp, target: str) -> bool:
     """Whether scoring with ``target`` needs the joint caption's prediction."""
+    target = LM.resolve_target(target, comp.expression.required(), comp.K)
     return target == "joint" or (target == "term" and comp.joint is not None)
+
+
+def record_every_default(comp, target: str) -> int:
+    """Steps between cached trials when not given: 2 where every component is scored against
+    the joint caption (it scored as well on half the steps), else 1 (the noise target lost 6-9
+    points of NOT precision on half the steps; `compkern main-job`, benchmarks/RESULTS.md)."""
+    return 2 if LM.resolve_target(target, comp.expression.required(), comp.K) == "joint" else 1
 
 
 def run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
@@ -275,7 +284,8 @@ def run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
     res = pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                negative_prompt=args.negative_prompt, eta=args.eta, generate=args.generate,
                record_joint=(args.lift == "cached" and _uses_joint(comp, args.target)) or None, height=args.height, width=args.width,
-               chunk_size=args.chunk_size, record=args.lift == "cached", record_every=args.record_every,
+               chunk_size=args.chunk_size, record=args.lift == "cached",
+               record_every=args.record_every or record_every_default(comp, args.target),
                output_type="latent")
     maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
     rows = res.n_evals + (0 if maps is None else maps.n_evals)
