@@ -76,8 +76,12 @@ def test_trainer_refuses_a_planted_checkpoint(tmp_path):
 
 
 def test_rejection_sampler_and_run_folder_refuse_planted_shards(tmp_path):
-    gen = lambda n, g: Batch(torch.randn(n, 2, generator=g), None, n)  # noqa: E731
-    score = lambda x, r, g: (x[:, 0] > 0, x.shape[0])  # noqa: E731
+    def gen(n, g):
+        return Batch(torch.randn(n, 2, generator=g), None, n)
+
+    def score(x, r, g):
+        return x[:, 0] > 0, x.shape[0]
+
     out, marker = tmp_path / "rej", tmp_path / "pwned"
     RejectionSampler(out, gen, score, batch_size=8, progress=False).run(100, max_batches=2)
     s = RejectionSampler(out, gen, score, batch_size=8, progress=False)

@@ -101,7 +101,7 @@ class _Sums:
     where it overstates the error several-fold.)"""
 
     def __init__(self, K: int, B: int, pixel_shape: tuple[int, ...] | None, device, dtype):
-        z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
+        z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)
         self.n, self.s1, self.s2 = z(K, B), z(K, B), z(K, B)
         self.pix = None if pixel_shape is None else z(K, B, *pixel_shape)
 
@@ -375,26 +375,15 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
     eps and -eps at one t, the pair one draw (chunk_trials and n_trials even). record: a
     StepRecord of the sampling run that produced x0 (cached trials: the estimate where no fresh
     trial is drawn, and the test order of an expr; never a settled sign). pixel_map: also a
-    per-pixel lift (K, B, H, W) for image layouts S = (C, H, W)."""
-    if not isinstance(x0, torch.Tensor) or x0.dim() < 2:
-        raise TypeError("x0 must be a tensor (B, *S)")
-    if not torch.isfinite(x0).all():
-        raise ValueError("x0 holds NaN or inf")
-    if n_trials < 0 or chunk_trials < 1 or min_trials < 2:
-        raise ValueError(f"need n_trials >= 0, chunk_trials >= 1, min_trials >= 2; got {n_trials}, {chunk_trials}, {min_trials}")
-    if antithetic and (chunk_trials % 2 or n_trials % 2):
-        raise ValueError(f"antithetic=True pairs eps with -eps: chunk_trials and n_trials must be even, got "
-                         f"{chunk_trials} and {n_trials}")
-    if pixel_map and x0.dim() != 4:
-        raise ValueError(f"pixel_map=True needs an image layout x0 (B, C, H, W), got {tuple(x0.shape)}")
+    per-pixel lift (K, B, H, W) for image layouts S = (C, H, W).
+
+    The steps: check the arguments, fix the sequential test (looks and boundary), then per chunk:
+    find the open pairs (``_open_pairs``), draw trials for the samples that have one
+    (``_draw_trials``), evaluate them rectangularly or packed (``_rectangular_chunk`` /
+    ``_packed_chunk``); finally assemble the result (``_lift_result``)."""
+    _check_lift_args(x0, n_trials, chunk_trials, min_trials, antithetic, pixel_map)
     T = schedule.num_steps
-    if calibration is not None and t_probs is None:
-        t_probs = calibration.t_probs
-    if t_probs is not None:
-        t_probs = torch.as_tensor(t_probs, dtype=torch.float64).cpu()
-        if t_probs.shape != (T,) or bool((t_probs < 0).any()) or float(t_probs.sum()) <= 0:
-            raise ValueError(f"t_probs must be a non-negative (num_steps,) = ({T},) tensor with positive sum")
-        t_probs = t_probs / t_probs.sum()
+    t_probs = _normalized_t_probs(calibration.t_probs if calibration is not None and t_probs is None else t_probs, T)
     alpha, _ = _alpha_from(confidence, z)
     per_draw = 2 if antithetic else 1
     looks = _looks(n_trials, chunk_trials, min_trials, adaptive, per_draw)
@@ -410,99 +399,188 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
     if record is not None:
         cached = _Sums(K, B, S[1:] if pixel_map else None, dev, acc)
         _add_cached(cached, record, x0, schedule, K, pixel_map, backend)
+    fresh = torch.zeros(K, B, device=dev)  # (K, B) fresh trials per pair
+    signs = functools.partial(_moderated_signs, sums, fresh, calibration=calibration, c=c, looks=looks,
+                              min_trials=min_trials)
+    evaluate = {"model": model, "full": full, "sums": sums, "fresh": fresh, "per_draw": per_draw,
+                "pixel_map": pixel_map, "chunk_size": chunk_size, "backend": backend}
     n_evals = 0
-    fresh = torch.zeros(K, B, device=dev)
-
-    def signs():
-        """(mean, stderr, surely > 0, surely <= 0), each (K, B), from the fresh draws only."""
-        mean, n = sums.mean, sums.n
-        s2 = (sums.stderr.square() * n).nan_to_num(0.0, posinf=0.0)  # per-draw sample variance
-        if calibration is not None:
-            prior, d0 = calibration.prior_var(mean), calibration.prior_dof
-        else:  # the trend fitted across this batch's pairs (sample variance vs mean), when enough
-            seen = n >= 2
-            if int(seen.sum()) >= _SELF_MIN_PAIRS:
-                coef = _fit_trend(mean[seen], s2[seen]).to(mean.device, mean.dtype)
-                prior, d0 = (coef[0] + coef[1] * mean.square() + coef[2] * mean.abs()).clamp_min(1e-12), _SELF_DOF
-            else:
-                prior, d0 = torch.zeros_like(mean), 0.0
-        # moderated: the pair's variance shrunk toward the trend (d0 prior draws)
-        var = (d0 * prior + (n - 1).clamp_min(0) * s2) / (d0 + (n - 1).clamp_min(0)).clamp_min(1e-12)
-        se = torch.where(n >= 2, (var / n.clamp_min(1)).sqrt(), torch.full_like(n, float("inf")))
-        crit = _t_crit(c, d0 + n - 1) if looks else torch.full_like(mean, float("inf"))
-        look = (fresh >= min_trials) & (n >= 2)
-        return mean, se, look & (mean - crit * se > 0), look & (mean + crit * se <= 0)
-
-    def status():
-        """open (K, B): pairs that still need trials."""
-        if not adaptive:
-            return fresh < n_trials
-        _, _, pos, neg = signs()
-        open_ = ~(pos | neg) & (fresh < n_trials)
-        if expr is not None:
-            done, _ = expr.decide(pos, neg)
-            open_ &= ~done[None, :]
-            if cached is not None:
-                open_ = _cached_first(expr, open_, pos, neg, cached.mean)
-        return open_
-
     while True:
-        open_ = status()
+        open_ = _open_pairs(signs, fresh, n_trials=n_trials, adaptive=adaptive, expr=expr, cached=cached)
         if not bool(open_.any()):
             break
         b_act = open_.any(0).nonzero().squeeze(1)  # (Ba,)
         n = chunk_trials if adaptive else min(chunk_trials, int((n_trials - fresh[:, b_act][open_[:, b_act]]).max().item()))
         n += n % per_draw
-        Ba = len(b_act)
-        t, w = _draw_t(t_probs, T, n // per_draw, Ba, stratified, generator)  # (n / per_draw, Ba)
-        eps = torch.randn(n // per_draw, Ba, *S, generator=generator, dtype=x0.dtype)
-        if antithetic:  # trial j and j + n/2 share t, with eps and -eps
-            eps, t, w = torch.cat([eps, -eps]), torch.cat([t, t]), torch.cat([w, w])
-        t, w, eps = t.to(dev), w.to(dev), eps.to(dev)
-        xb = x0[b_act]
-        x_t = schedule.add_noise(xb.unsqueeze(0).expand(n, *xb.shape).reshape(n * Ba, *S), eps.reshape(n * Ba, *S),
-                                 t.reshape(-1))
+        trials = _draw_trials(x0[b_act], schedule, n, per_draw, t_probs=t_probs, stratified=stratified,
+                              generator=generator)
         sub_open = open_[:, b_act]  # (K, Ba)
         if bool(sub_open.all()):
-            # Rectangular: every condition of every active sample; zero-copy into lift_partial.
-            cond_rows = full[:, b_act].repeat(1, n, *([1] * (full.dim() - 2)))  # (K+1, n*Ba, *C)
-            preds = evaluate_conditions(model, x_t, t.reshape(-1), cond_rows, chunk_size=chunk_size)
-            n_evals += preds.shape[0] * preds.shape[1]
-            part = lift_partial(eps.reshape(1, n * Ba, *S), preds.unsqueeze(0), weights=w.reshape(1, -1),
-                                pixel_map=pixel_map, backend=backend)
-            d = part.sum_wd.reshape(K, n, Ba)  # w * d per trial
-            _check_finite(d)
-            draws = d.reshape(K, per_draw, n // per_draw, Ba).mean(1)  # (K, draws, Ba)
-            kk = torch.arange(K, device=dev)[:, None].expand(K, Ba).reshape(-1)
-            bb = b_act[None, :].expand(K, Ba).reshape(-1)
-            pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(K, n, Ba, *S[1:]).sum(1).reshape(K * Ba, *S[1:]) / per_draw
-            sums.add(kk, bb, float(n // per_draw), draws.sum(1).reshape(-1).to(acc), draws.square().sum(1).reshape(-1).to(acc), pix)
-            fresh[:, b_act] += n
-            continue
-        # Packed: the null row of each active sample plus only its open conditions.
-        kp, bp = sub_open.nonzero(as_tuple=True)  # pairs among active samples, local b index
-        P = len(kp)
-        null_rows = full[0, b_act].unsqueeze(0).expand(n, *full[0, b_act].shape).reshape(n * Ba, *full.shape[2:])
-        trial = torch.arange(n, device=dev)[:, None]
-        pair_rows = (trial * Ba + bp[None, :]).reshape(-1)  # (n*P,) rows of x_t for each pair-trial
-        cond_rows = full[kp + 1, b_act[bp]].unsqueeze(0).expand(n, P, *full.shape[2:]).reshape(n * P, *full.shape[2:])
-        xs = torch.cat([x_t, x_t[pair_rows]])
-        ts = torch.cat([t.reshape(-1), t.reshape(-1)[pair_rows]])
-        cs = torch.cat([null_rows, cond_rows])
-        out = evaluate_conditions(model, xs, ts, cs.unsqueeze(0), chunk_size=chunk_size)[0]
-        n_evals += out.shape[0]
-        pred_null, pred_c = out[: n * Ba][pair_rows], out[n * Ba:]
-        noise = eps.reshape(n * Ba, *S)[pair_rows]
-        part = lift_partial(noise.unsqueeze(0), torch.stack([pred_null, pred_c]).unsqueeze(0),
-                            weights=w.reshape(-1)[pair_rows].unsqueeze(0), pixel_map=pixel_map, backend=backend)
-        d = part.sum_wd.reshape(n, P)
-        _check_finite(d)
-        draws = d.reshape(per_draw, n // per_draw, P).mean(0)  # (draws, P)
-        pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(n, P, *S[1:]).sum(0) / per_draw
-        sums.add(kp, b_act[bp], float(n // per_draw), draws.sum(0).to(acc), draws.square().sum(0).to(acc), pix)
-        fresh[kp, b_act[bp]] += n
+            n_evals += _rectangular_chunk(trials, b_act, **evaluate)
+        else:
+            n_evals += _packed_chunk(trials, b_act, sub_open, **evaluate)
+    return _lift_result(signs(), sums, cached, fresh, expr, n_evals, alpha, c, 0 if record is None else len(record))
 
-    mean, se, pos, neg = signs()
+
+def _check_lift_args(x0: torch.Tensor, n_trials: int, chunk_trials: int, min_trials: int, antithetic: bool,
+                     pixel_map: bool) -> None:
+    """The argument checks of estimate_lift: x0 a finite tensor (B, *S) ((B, C, H, W) with
+    pixel_map), the trial counts, even counts with antithetic."""
+    if not isinstance(x0, torch.Tensor) or x0.dim() < 2:
+        raise TypeError("x0 must be a tensor (B, *S)")
+    if not torch.isfinite(x0).all():
+        raise ValueError("x0 holds NaN or inf")
+    if n_trials < 0 or chunk_trials < 1 or min_trials < 2:
+        raise ValueError(f"need n_trials >= 0, chunk_trials >= 1, min_trials >= 2; got {n_trials}, {chunk_trials}, {min_trials}")
+    if antithetic and (chunk_trials % 2 or n_trials % 2):
+        raise ValueError(f"antithetic=True pairs eps with -eps: chunk_trials and n_trials must be even, got "
+                         f"{chunk_trials} and {n_trials}")
+    if pixel_map and x0.dim() != 4:
+        raise ValueError(f"pixel_map=True needs an image layout x0 (B, C, H, W), got {tuple(x0.shape)}")
+
+
+def _normalized_t_probs(t_probs: Any, T: int) -> torch.Tensor | None:
+    """The importance proposal as a (T,) fp64 CPU tensor summing to 1 (None: uniform t)."""
+    if t_probs is None:
+        return None
+    t_probs = torch.as_tensor(t_probs, dtype=torch.float64).cpu()
+    if t_probs.shape != (T,) or bool((t_probs < 0).any()) or float(t_probs.sum()) <= 0:
+        raise ValueError(f"t_probs must be a non-negative (num_steps,) = ({T},) tensor with positive sum")
+    return t_probs / t_probs.sum()
+
+
+def _moderated_signs(sums: _Sums, fresh: torch.Tensor, *, calibration: LiftCalibration | None, c: float,
+                     looks: tuple[int, ...], min_trials: int):
+    """(mean, stderr, surely > 0, surely <= 0), each (K, B), from the fresh draws only.
+
+    The per-draw sample variance is shrunk toward a variance-vs-lift trend worth d0 draws (the
+    calibration's, else one fitted across the batch's pairs once there are enough, else none);
+    a pair is looked at once it has ``min_trials`` fresh trials (``fresh`` (K, B)) and two draws,
+    and its sign is settled when |mean| exceeds the Student-t version of the boundary ``c``."""
+    mean, n = sums.mean, sums.n
+    s2 = (sums.stderr.square() * n).nan_to_num(0.0, posinf=0.0)  # per-draw sample variance
+    if calibration is not None:
+        prior, d0 = calibration.prior_var(mean), calibration.prior_dof
+    else:  # the trend fitted across this batch's pairs (sample variance vs mean), when enough
+        seen = n >= 2
+        if int(seen.sum()) >= _SELF_MIN_PAIRS:
+            coef = _fit_trend(mean[seen], s2[seen]).to(mean.device, mean.dtype)
+            prior, d0 = (coef[0] + coef[1] * mean.square() + coef[2] * mean.abs()).clamp_min(1e-12), _SELF_DOF
+        else:
+            prior, d0 = torch.zeros_like(mean), 0.0
+    # moderated: the pair's variance shrunk toward the trend (d0 prior draws)
+    var = (d0 * prior + (n - 1).clamp_min(0) * s2) / (d0 + (n - 1).clamp_min(0)).clamp_min(1e-12)
+    se = torch.where(n >= 2, (var / n.clamp_min(1)).sqrt(), torch.full_like(n, float("inf")))
+    crit = _t_crit(c, d0 + n - 1) if looks else torch.full_like(mean, float("inf"))
+    look = (fresh >= min_trials) & (n >= 2)
+    return mean, se, look & (mean - crit * se > 0), look & (mean + crit * se <= 0)
+
+
+def _open_pairs(signs, fresh: torch.Tensor, *, n_trials: int, adaptive: bool, expr: Any,
+                cached: _Sums | None) -> torch.Tensor:
+    """(K, B) bool: the pairs that still need trials. Fixed mode: fewer than ``n_trials`` fresh
+    trials. Adaptive: not settled (``signs()``), under the cap, the sample's expression (if any)
+    not yet decided; with cached trials narrowed to the one component worth testing first."""
+    if not adaptive:
+        return fresh < n_trials
+    _, _, pos, neg = signs()
+    open_ = ~(pos | neg) & (fresh < n_trials)
+    if expr is not None:
+        done, _ = expr.decide(pos, neg)
+        open_ &= ~done[None, :]
+        if cached is not None:
+            open_ = _cached_first(expr, open_, pos, neg, cached.mean)
+    return open_
+
+
+@dataclass
+class _Trials:
+    """One chunk of n trials for Ba active samples: t (n, Ba) int64, w (n, Ba) fp32 importance
+    weights, eps (n, Ba, *S) noise, x_t (n * Ba, *S) the noised samples (trial-major)."""
+
+    t: torch.Tensor
+    w: torch.Tensor
+    eps: torch.Tensor
+    x_t: torch.Tensor
+
+
+def _draw_trials(xb: torch.Tensor, schedule: NoiseSchedule, n: int, per_draw: int, *, t_probs: torch.Tensor | None,
+                 stratified: bool, generator: torch.Generator | None) -> _Trials:
+    """n trials (n // per_draw independent draws; antithetic: trial j and j + n/2 share t, with eps
+    and -eps) for the active samples xb (Ba, *S), on xb's device."""
+    Ba, S, dev = xb.shape[0], tuple(xb.shape[1:]), xb.device
+    t, w = _draw_t(t_probs, schedule.num_steps, n // per_draw, Ba, stratified, generator)  # (n / per_draw, Ba)
+    eps = torch.randn(n // per_draw, Ba, *S, generator=generator, dtype=xb.dtype)
+    if per_draw == 2:
+        eps, t, w = torch.cat([eps, -eps]), torch.cat([t, t]), torch.cat([w, w])
+    t, w, eps = t.to(dev), w.to(dev), eps.to(dev)
+    x_t = schedule.add_noise(xb.unsqueeze(0).expand(n, *xb.shape).reshape(n * Ba, *S), eps.reshape(n * Ba, *S),
+                             t.reshape(-1))
+    return _Trials(t, w, eps, x_t)
+
+
+def _rectangular_chunk(trials: _Trials, b_act: torch.Tensor, *, model: EpsModel, full: torch.Tensor, sums: _Sums,
+                       fresh: torch.Tensor, per_draw: int, pixel_map: bool, chunk_size: int | None,
+                       backend: str) -> int:
+    """Every condition of every active sample b_act (Ba,) (all K x Ba pairs open): one batched call
+    on the (K+1, n*Ba) condition-major rows of ``full`` (K+1, B, *C), zero-copy into lift_partial;
+    adds the draws to ``sums`` and the trials to ``fresh`` (K, B). Returns the model rows spent."""
+    n, Ba = trials.t.shape
+    K, S, dev = full.shape[0] - 1, tuple(trials.eps.shape[2:]), trials.eps.device
+    cond_rows = full[:, b_act].repeat(1, n, *([1] * (full.dim() - 2)))  # (K+1, n*Ba, *C)
+    preds = evaluate_conditions(model, trials.x_t, trials.t.reshape(-1), cond_rows, chunk_size=chunk_size)
+    part = lift_partial(trials.eps.reshape(1, n * Ba, *S), preds.unsqueeze(0), weights=trials.w.reshape(1, -1),
+                        pixel_map=pixel_map, backend=backend)
+    d = part.sum_wd.reshape(K, n, Ba)  # w * d per trial
+    _check_finite(d)
+    draws = d.reshape(K, per_draw, n // per_draw, Ba).mean(1)  # (K, draws, Ba)
+    kk = torch.arange(K, device=dev)[:, None].expand(K, Ba).reshape(-1)
+    bb = b_act[None, :].expand(K, Ba).reshape(-1)
+    pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(K, n, Ba, *S[1:]).sum(1).reshape(K * Ba, *S[1:]) / per_draw
+    acc = sums.n.dtype
+    sums.add(kk, bb, float(n // per_draw), draws.sum(1).reshape(-1).to(acc), draws.square().sum(1).reshape(-1).to(acc), pix)
+    fresh[:, b_act] += n
+    return preds.shape[0] * preds.shape[1]
+
+
+def _packed_chunk(trials: _Trials, b_act: torch.Tensor, sub_open: torch.Tensor, *, model: EpsModel,
+                  full: torch.Tensor, sums: _Sums, fresh: torch.Tensor, per_draw: int, pixel_map: bool,
+                  chunk_size: int | None, backend: str) -> int:
+    """The null row of each active sample b_act (Ba,) plus only its open conditions (sub_open
+    (K, Ba)), as one call on n*Ba + n*P rows (P open pairs); adds the draws to ``sums`` and the
+    trials to ``fresh`` (K, B). Returns the model rows spent."""
+    n, Ba = trials.t.shape
+    S, dev = tuple(trials.eps.shape[2:]), trials.eps.device
+    kp, bp = sub_open.nonzero(as_tuple=True)  # pairs among active samples, local b index
+    P = len(kp)
+    null_rows = full[0, b_act].unsqueeze(0).expand(n, *full[0, b_act].shape).reshape(n * Ba, *full.shape[2:])
+    trial = torch.arange(n, device=dev)[:, None]
+    pair_rows = (trial * Ba + bp[None, :]).reshape(-1)  # (n*P,) rows of x_t for each pair-trial
+    cond_rows = full[kp + 1, b_act[bp]].unsqueeze(0).expand(n, P, *full.shape[2:]).reshape(n * P, *full.shape[2:])
+    xs = torch.cat([trials.x_t, trials.x_t[pair_rows]])
+    ts = torch.cat([trials.t.reshape(-1), trials.t.reshape(-1)[pair_rows]])
+    cs = torch.cat([null_rows, cond_rows])
+    out = evaluate_conditions(model, xs, ts, cs.unsqueeze(0), chunk_size=chunk_size)[0]
+    pred_null, pred_c = out[: n * Ba][pair_rows], out[n * Ba:]
+    noise = trials.eps.reshape(n * Ba, *S)[pair_rows]
+    part = lift_partial(noise.unsqueeze(0), torch.stack([pred_null, pred_c]).unsqueeze(0),
+                        weights=trials.w.reshape(-1)[pair_rows].unsqueeze(0), pixel_map=pixel_map, backend=backend)
+    d = part.sum_wd.reshape(n, P)
+    _check_finite(d)
+    draws = d.reshape(per_draw, n // per_draw, P).mean(0)  # (draws, P)
+    pix = None if part.sum_wd_pixel is None else part.sum_wd_pixel.reshape(n, P, *S[1:]).sum(0) / per_draw
+    acc = sums.n.dtype
+    sums.add(kp, b_act[bp], float(n // per_draw), draws.sum(0).to(acc), draws.square().sum(0).to(acc), pix)
+    fresh[kp, b_act[bp]] += n
+    return out.shape[0]
+
+
+def _lift_result(signs: tuple, sums: _Sums, cached: _Sums | None, fresh: torch.Tensor, expr: Any, n_evals: int,
+                 alpha: float, c: float, n_cached: int) -> LiftResult:
+    """The LiftResult from the final (mean, stderr, pos, neg) (K, B) of ``_moderated_signs``: the
+    fresh mean (the cached one where a pair got no fresh trial), per-pixel lift (K, B, H, W) the
+    same way, the expression's accept / decided (B,)."""
+    mean, se, pos, neg = signs
     has = sums.n > 0
     pix = None if sums.pix is None else sums.pix / sums.n.clamp_min(1)[..., None, None]
     if cached is not None:
@@ -513,8 +591,8 @@ def estimate_lift(model: EpsModel, x0: torch.Tensor, conds: Any, null_cond: Any,
     if expr is not None:
         accept = expr.accept(mean)
         decided, _ = expr.decide(pos, neg)
-    return LiftResult(mean, se, fresh.to(acc), n_evals, pix, accept, decided, pos | neg, alpha, c,
-                      None if cached is None else cached.mean, 0 if record is None else len(record))
+    return LiftResult(mean, se, fresh.to(sums.n.dtype), n_evals, pix, accept, decided, pos | neg, alpha, c,
+                      None if cached is None else cached.mean, n_cached)
 
 
 def _cached_first(expr: Any, open_: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,

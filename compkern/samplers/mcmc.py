@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from compkern.models.schedule import NoiseSchedule
 from compkern.samplers.diffusion import ddim_step
 
-__all__ = ["MCMCResult", "annealed_mcmc", "KINDS"]
+__all__ = ["KINDS", "MCMCResult", "annealed_mcmc"]
 
 KINDS = ("ula", "mala", "hmc")
 TARGET_ACCEPT = {"ula": 0.99, "mala": 0.574, "hmc": 0.75}  # defaults of target_accept per kind
@@ -162,11 +162,62 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
     levels; returns an MCMCResult (samples, per-level steps and acceptance rates, model evaluations).
     ``adapt`` tunes the step per level toward ``target_accept`` (default TARGET_ACCEPT[kind]) over
     the first ``adapt_steps`` steps of each level; ``step_size`` then only sets the first level's
-    starting step."""
+    starting step.
+
+    The steps: check the arguments and fix the levels and their base steps (``_fixed_steps``); per
+    level, a DDPM step from the previous level, the energy and eps at the level's own t, then
+    ``_run_level`` (the MCMC moves ``_ula_move`` / ``_mala_move`` / ``_hmc_move`` and the step
+    adaptation ``_adapted``); finally the optional last DDIM step to x0."""
     _check(kind, x_T, schedule, steps_per_level, leapfrog_steps, damping, step_scale, composition)
     target, n_adapt = _adaptation(kind, adapt, target_accept, adapt_steps, steps_per_level)
     ts = _levels(schedule, num_levels, timesteps)
     L = len(ts)
+    abar = schedule.alphas_cumprod
+    sig2 = (1 - abar[ts])
+    fixed_steps = _fixed_steps(step_size, adapt, L, kind, sig2, step_scale)
+    chosen = torch.empty(L, dtype=torch.float64)
+    f = _Composed(composition, need_energy=kind != "ula")
+    evals0 = getattr(composition, "n_evals", None)
+    rng = _Rng(generator)
+    level_options = {"kind": kind, "steps_per_level": steps_per_level, "n_adapt": n_adapt, "target": target,
+                     "leapfrog_steps": leapfrog_steps, "damping": damping}
+
+    x = x_T
+    B = x.shape[0]
+    accept = torch.zeros(L, dtype=torch.float64) if kind != "ula" else None
+    state = None  # (E, eps) at the current x and level
+    h = float(fixed_steps[0])
+    with torch.no_grad():
+        for i, t in enumerate(tqdm(ts.tolist(), desc=f"annealed {kind}", disable=not progress, leave=False)):
+            t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
+            if i > 0 and diffusion_step:
+                t_prev = int(ts[i - 1])
+                x = ddim_step(x, state[1], float(abar[t_prev]), float(abar[t]), eta=1.0, clip_x0=clip_x0,
+                              generator=generator)
+            state = f(x, t_vec)  # every level: energy and eps of its own t
+            if not adapt:
+                h = float(fixed_steps[i])
+            level = _Level(i, t, t_vec, float(sig2[i]) ** 0.5)
+            x, state, h, accept_sum = _run_level(f, rng, x, state, h, level, **level_options)
+            if accept is not None:
+                accept[i] += accept_sum
+            chosen[i] = h
+            if not bool(torch.isfinite(x).all()):
+                raise FloatingPointError(f"annealed {kind}: non-finite samples at level {i} (t={t})")
+        if final_denoise:
+            x = ddim_step(x, state[1], float(abar[ts[-1]]), 1.0, eta=0.0, clip_x0=clip_x0)
+    if accept is not None:
+        accept /= steps_per_level
+    evals = getattr(composition, "n_evals", None)
+    n_evals = evals - evals0 if isinstance(evals, int) and isinstance(evals0, int) else f.calls * B
+    return MCMCResult(x=x, timesteps=ts, step_sizes=chosen, accept_rates=accept, n_evals=n_evals,
+                      n_grad_calls=f.calls, target_accept=target)
+
+
+def _fixed_steps(step_size, adapt: bool, L: int, kind: str, sig2: torch.Tensor, step_scale: str) -> torch.Tensor:
+    """(L,) fp64: the step of each level without adaptation (``step_size`` times sigma_t^2 for
+    ULA/MALA, sigma_t for HMC, with step_scale "noise"; sig2 (L,) = 1 - abar_t); [0] starts the
+    adaptation. Checks step_size (a positive finite float, or (L,) with adapt=False)."""
     base = torch.as_tensor(step_size, dtype=torch.float64)
     if adapt and base.dim() != 0:
         raise ValueError("step_size: a per-level tensor fixes the steps; pass a float with adapt=True "
@@ -177,113 +228,137 @@ def annealed_mcmc(composition, x_T: torch.Tensor, schedule: NoiseSchedule, *, ki
         raise ValueError(f"step_size must be a float or a ({L},) tensor (one per level), got shape {tuple(base.shape)}")
     if not bool(torch.isfinite(base).all()) or bool((base <= 0).any()):
         raise ValueError(f"step_size must be positive and finite, got {base.tolist() if L <= 8 else 'a tensor with non-positive entries'}")
-    abar = schedule.alphas_cumprod
-    sig2 = (1 - abar[ts])
     scale = 1.0 if step_scale == "constant" else (sig2 if kind != "hmc" else sig2.sqrt())
-    fixed_steps = (base * scale).double()  # (L,): the steps without adaptation; [0] starts the adaptation
-    chosen = torch.empty(L, dtype=torch.float64)
+    return (base * scale).double()
 
-    need_energy = kind != "ula"
-    counter = {"calls": 0}
-    evals0 = getattr(composition, "n_evals", None)
 
-    def energy_eps(x: torch.Tensor, t_vec: torch.Tensor):
-        counter["calls"] += 1
-        if need_energy:
-            E, eps = composition.energy_and_eps(x, t_vec)
+class _Composed:
+    """The composition as (x (B, *S), t (B,)) -> (E (B,) or None for ULA, eps (B, *S) in x's dtype),
+    counting its calls."""
+
+    def __init__(self, composition, *, need_energy: bool):
+        self.composition, self.need_energy, self.calls = composition, need_energy, 0
+
+    def __call__(self, x: torch.Tensor, t_vec: torch.Tensor):
+        self.calls += 1
+        if self.need_energy:
+            E, eps = self.composition.energy_and_eps(x, t_vec)
         else:
-            E, eps = None, composition(x, t_vec)
+            E, eps = None, self.composition(x, t_vec)
         return E, eps.to(x.dtype)
 
-    def randn_like(x):
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    def rand(n, device):
-        return torch.rand(n, generator=generator, device=device)
+class _Rng:
+    """The chain's random draws, all from one ``generator``."""
 
-    def adapted(h: float, prob: torch.Tensor, i: int, t: int) -> float:
-        """The next step from h and the chains' acceptance probabilities prob (B,), in log space."""
-        mean_prob = float(prob.mean())
-        log_ratio = math.log(max(1.0 - mean_prob, 1e-300) / (1.0 - target))  # rejection / target rejection
-        h_new = math.exp(math.log(h) - _ADAPT_GAIN * min(max(log_ratio, -1.0), 1.0))
-        if not math.isfinite(h_new) or h_new < sys.float_info.min:  # subnormal steps would stall, not shrink
-            raise ValueError(f"step_size: the adapted step left the positive finite range (became {h_new:.3g}) at "
-                             f"level {i} (t={t}): mean acceptance {mean_prob:.3g} vs target_accept={target}; the "
-                             "composition's energies may be flat or non-finite there (check them, or pass "
-                             "adapt=False with a fixed step_size)")
-        return h_new
+    def __init__(self, generator: torch.Generator | None):
+        self.generator = generator
 
-    x = x_T
-    B = x.shape[0]
-    view = (B,) + (1,) * (x.dim() - 1)
-    accept = torch.zeros(L, dtype=torch.float64) if need_energy else None
-    state = None  # (E, eps) at the current x and level
-    v = None
-    h = float(fixed_steps[0])
-    with torch.no_grad():
-        for i, t in enumerate(tqdm(ts.tolist(), desc=f"annealed {kind}", disable=not progress, leave=False)):
-            t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
-            if i > 0 and diffusion_step:
-                t_prev = int(ts[i - 1])
-                x = ddim_step(x, state[1], float(abar[t_prev]), float(abar[t]), eta=1.0, clip_x0=clip_x0,
-                              generator=generator)
-            state = energy_eps(x, t_vec)  # every level: energy and eps of its own t
-            sigma = float(sig2[i]) ** 0.5
-            if not adapt:
-                h = float(fixed_steps[i])
-            log_h_sum = 0.0  # of the level's adapted iterates
-            if kind == "hmc":
-                v = randn_like(x)
-            for k in range(steps_per_level):
-                E0, eps0 = state
-                if kind == "ula":
-                    xp = x - (h / sigma) * eps0 + math.sqrt(2 * h) * randn_like(x)
-                    if not bool(torch.isfinite(xp).all()):
-                        raise FloatingPointError(f"annealed ULA diverged at level {i} (t={t}, eta={h:.3g}): "
-                                                 "lower step_size")
-                    state = energy_eps(xp, t_vec)
-                    if k < n_adapt:  # the MALA ratio of this move, for the adaptation only
-                        log_a = _ula_log_accept(x, xp, eps0 / sigma, state[1] / sigma, h)
-                    x = xp
-                elif kind == "mala":
-                    mean_f = x - (h / sigma) * eps0
-                    xp = mean_f + math.sqrt(2 * h) * randn_like(x)
-                    Ep, epsp = energy_eps(xp, t_vec)
-                    mean_r = xp - (h / sigma) * epsp
-                    log_q_fwd = -_sum_rest((xp - mean_f) ** 2) / (4 * h)
-                    log_q_rev = -_sum_rest((x - mean_r) ** 2) / (4 * h)
-                    log_a = (E0.double() - Ep.double() + log_q_rev - log_q_fwd)
-                    acc = torch.log(rand(B, x.device)).double() < log_a  # NaN proposals are rejected
-                    x = torch.where(acc.view(view), xp, x)
-                    state = (torch.where(acc, Ep, E0), torch.where(acc.view(view), epsp, eps0))
-                    accept[i] += acc.double().mean().item()
-                else:  # hmc
-                    v0 = damping * v + math.sqrt(1 - damping ** 2) * randn_like(x)
-                    xn = x
-                    vn = v0 - (0.5 * h / sigma) * eps0
-                    for l in range(leapfrog_steps):
-                        xn = xn + h * vn
-                        En, epsn = energy_eps(xn, t_vec)
-                        vn = vn - ((h if l < leapfrog_steps - 1 else 0.5 * h) / sigma) * epsn
-                    log_a = ((E0.double() + 0.5 * _sum_rest(v0 ** 2)) - (En.double() + 0.5 * _sum_rest(vn ** 2)))
-                    acc = torch.log(rand(B, x.device)).double() < log_a
-                    x = torch.where(acc.view(view), xn, x)
-                    v = torch.where(acc.view(view), vn, -v0)
-                    state = (torch.where(acc, En, E0), torch.where(acc.view(view), epsn, eps0))
-                    accept[i] += acc.double().mean().item()
-                if k < n_adapt:
-                    h = adapted(h, _accept_prob(log_a), i, t)
-                    log_h_sum += math.log(h)
-                    if k == n_adapt - 1:  # the average damps oscillation where acceptance falls steeply
-                        h = math.exp(log_h_sum / n_adapt)
-            chosen[i] = h
-            if not bool(torch.isfinite(x).all()):
-                raise FloatingPointError(f"annealed {kind}: non-finite samples at level {i} (t={t})")
-        if final_denoise:
-            x = ddim_step(x, state[1], float(abar[ts[-1]]), 1.0, eta=0.0, clip_x0=clip_x0)
-    if accept is not None:
-        accept /= steps_per_level
-    evals = getattr(composition, "n_evals", None)
-    n_evals = evals - evals0 if isinstance(evals, int) and isinstance(evals0, int) else counter["calls"] * B
-    return MCMCResult(x=x, timesteps=ts, step_sizes=chosen, accept_rates=accept, n_evals=n_evals,
-                      n_grad_calls=counter["calls"], target_accept=target)
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+    def rand(self, n: int, device) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, device=device)
+
+
+@dataclass
+class _Level:
+    """Level i of the annealing: its timestep t, t_vec (B,) int64 and sigma_t = sqrt(1 - abar_t)."""
+
+    i: int
+    t: int
+    t_vec: torch.Tensor
+    sigma: float
+
+
+def _run_level(f: _Composed, rng: _Rng, x: torch.Tensor, state: tuple, h: float, level: _Level, *, kind: str,
+               steps_per_level: int, n_adapt: int, target: float | None, leapfrog_steps: int,
+               damping: float) -> tuple[torch.Tensor, tuple, float, float]:
+    """``steps_per_level`` MCMC moves at one level from x (B, *S) with state (E, eps) at x; the
+    first ``n_adapt`` adapt the step h, the rest use the geometric mean of those iterates.
+    Returns (x, state, the level's step, the sum over moves of the mean acceptance (0 for ULA))."""
+    view = (x.shape[0],) + (1,) * (x.dim() - 1)
+    v = rng.randn_like(x) if kind == "hmc" else None
+    log_h_sum = 0.0  # of the level's adapted iterates
+    accept_sum = 0.0
+    for k in range(steps_per_level):
+        if kind == "ula":
+            x, state, log_a = _ula_move(f, rng, x, state, h, level, with_ratio=k < n_adapt)
+        elif kind == "mala":
+            x, state, log_a, rate = _mala_move(f, rng, x, state, h, level, view)
+            accept_sum += rate
+        else:
+            x, v, state, log_a, rate = _hmc_move(f, rng, x, v, state, h, level, view, leapfrog_steps, damping)
+            accept_sum += rate
+        if k < n_adapt:
+            h = _adapted(h, _accept_prob(log_a), target, level)
+            log_h_sum += math.log(h)
+            if k == n_adapt - 1:  # the average damps oscillation where acceptance falls steeply
+                h = math.exp(log_h_sum / n_adapt)
+    return x, state, h, accept_sum
+
+
+def _ula_move(f: _Composed, rng: _Rng, x: torch.Tensor, state: tuple, h: float, level: _Level, *,
+              with_ratio: bool):
+    """x' = x - eta grad E + sqrt(2 eta) z on x (B, *S); returns (x', (E, eps) at x', the MALA log
+    ratio (B,) of the move when ``with_ratio`` (for the adaptation only), else None)."""
+    eps0 = state[1]
+    xp = x - (h / level.sigma) * eps0 + math.sqrt(2 * h) * rng.randn_like(x)
+    if not bool(torch.isfinite(xp).all()):
+        raise FloatingPointError(f"annealed ULA diverged at level {level.i} (t={level.t}, eta={h:.3g}): "
+                                 "lower step_size")
+    state = f(xp, level.t_vec)
+    log_a = _ula_log_accept(x, xp, eps0 / level.sigma, state[1] / level.sigma, h) if with_ratio else None
+    return xp, state, log_a
+
+
+def _mala_move(f: _Composed, rng: _Rng, x: torch.Tensor, state: tuple, h: float, level: _Level, view: tuple):
+    """The ULA proposal with a Metropolis-Hastings accept/reject (NaN proposals are rejected);
+    returns (x (B, *S), (E (B,), eps) at x, log acceptance ratio (B,) fp64, mean acceptance)."""
+    E0, eps0 = state
+    mean_f = x - (h / level.sigma) * eps0
+    xp = mean_f + math.sqrt(2 * h) * rng.randn_like(x)
+    Ep, epsp = f(xp, level.t_vec)
+    mean_r = xp - (h / level.sigma) * epsp
+    log_q_fwd = -_sum_rest((xp - mean_f) ** 2) / (4 * h)
+    log_q_rev = -_sum_rest((x - mean_r) ** 2) / (4 * h)
+    log_a = (E0.double() - Ep.double() + log_q_rev - log_q_fwd)
+    acc = torch.log(rng.rand(x.shape[0], x.device)).double() < log_a  # NaN proposals are rejected
+    x = torch.where(acc.view(view), xp, x)
+    state = (torch.where(acc, Ep, E0), torch.where(acc.view(view), epsp, eps0))
+    return x, state, log_a, acc.double().mean().item()
+
+
+def _hmc_move(f: _Composed, rng: _Rng, x: torch.Tensor, v: torch.Tensor, state: tuple, h: float, level: _Level,
+              view: tuple, leapfrog_steps: int, damping: float):
+    """Partial momentum refresh, ``leapfrog_steps`` leapfrog steps of size h (unit mass), Metropolis
+    on H = E + |v|^2 / 2 (on reject the momentum flips); returns (x (B, *S), v (B, *S), (E, eps)
+    at x, log acceptance ratio (B,) fp64, mean acceptance)."""
+    E0, eps0 = state
+    v0 = damping * v + math.sqrt(1 - damping ** 2) * rng.randn_like(x)
+    xn = x
+    vn = v0 - (0.5 * h / level.sigma) * eps0
+    for l in range(leapfrog_steps):
+        xn = xn + h * vn
+        En, epsn = f(xn, level.t_vec)
+        vn = vn - ((h if l < leapfrog_steps - 1 else 0.5 * h) / level.sigma) * epsn
+    log_a = ((E0.double() + 0.5 * _sum_rest(v0 ** 2)) - (En.double() + 0.5 * _sum_rest(vn ** 2)))
+    acc = torch.log(rng.rand(x.shape[0], x.device)).double() < log_a
+    x = torch.where(acc.view(view), xn, x)
+    v = torch.where(acc.view(view), vn, -v0)
+    state = (torch.where(acc, En, E0), torch.where(acc.view(view), epsn, eps0))
+    return x, v, state, log_a, acc.double().mean().item()
+
+
+def _adapted(h: float, prob: torch.Tensor, target: float, level: _Level) -> float:
+    """The next step from h and the chains' acceptance probabilities prob (B,), in log space
+    (Robbins-Monro on log h toward ``target``)."""
+    mean_prob = float(prob.mean())
+    log_ratio = math.log(max(1.0 - mean_prob, 1e-300) / (1.0 - target))  # rejection / target rejection
+    h_new = math.exp(math.log(h) - _ADAPT_GAIN * min(max(log_ratio, -1.0), 1.0))
+    if not math.isfinite(h_new) or h_new < sys.float_info.min:  # subnormal steps would stall, not shrink
+        raise ValueError(f"step_size: the adapted step left the positive finite range (became {h_new:.3g}) at "
+                         f"level {level.i} (t={level.t}): mean acceptance {mean_prob:.3g} vs target_accept={target}; the "
+                         "composition's energies may be flat or non-finite there (check them, or pass "
+                         "adapt=False with a fixed step_size)")
+    return h_new
