@@ -155,15 +155,19 @@ def test_every_level_starts_with_its_own_energy_and_eps(kind, per_step, diffusio
     assert res.n_grad_calls == len(comp.calls) and res.n_evals == 2 * 16 * len(comp.calls)
 
 
-class NaNComposition:
-    """Energies and eps all NaN: every MALA proposal is rejected, so the adapted step shrinks until
-    it underflows to 0."""
+class RejectAllComposition:
+    """Finite energies that grow with every call (eps 0): every MALA proposal is rejected, so the
+    adapted step shrinks until it underflows to 0. (NaN energies raise at once: test_nonfinite.)"""
+
+    def __init__(self):
+        self.calls = 0
 
     def __call__(self, x, t):
-        return torch.full_like(x, float("nan"))
+        return torch.zeros_like(x)
 
     def energy_and_eps(self, x, t):
-        return torch.full((x.shape[0],), float("nan"), dtype=x.dtype), self(x, t)
+        self.calls += 1
+        return torch.full((x.shape[0],), 1e30 * self.calls, dtype=x.dtype), self(x, t)
 
 
 def test_bad_adaptation_inputs():
@@ -185,5 +189,5 @@ def test_bad_adaptation_inputs():
     with pytest.raises(ValueError, match="composition has no energies"):
         annealed_mcmc(lambda x, t: x, x, SCHED, kind="hmc", num_levels=2)
     with pytest.raises(ValueError, match="step_size: the adapted step left the positive finite range"):
-        annealed_mcmc(NaNComposition(), x, SCHED, kind="mala", num_levels=1, steps_per_level=2500,
+        annealed_mcmc(RejectAllComposition(), x, SCHED, kind="mala", num_levels=1, steps_per_level=2500,
                       adapt_steps=2500, final_denoise=False)

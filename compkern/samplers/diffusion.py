@@ -31,11 +31,14 @@ def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, nu
                 progress: bool = False) -> torch.Tensor:
     """x_T (B, *S) standard normal -> x_0 (B, *S). eps_fn(x_t, t (B,) int64) -> eps (B, *S).
     ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0] at each step; ``generator``: one,
-    or a list of B (see ``randn_like_rows``)."""
+    or a list of B (see ``randn_like_rows``). NaN or inf eps raises FloatingPointError naming the
+    step."""
     if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
         raise TypeError("x_T must be a tensor (B, *S)")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T holds NaN or inf")
     abar = schedule.alphas_cumprod
     ts = schedule.timesteps(num_steps)
     x = x_T
@@ -43,6 +46,9 @@ def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, nu
     for i, t in enumerate(tqdm(ts.tolist(), desc="sampling", disable=not progress, leave=False)):
         t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
         eps = eps_fn(x, t_vec).to(x.dtype)
+        if not bool(torch.isfinite(eps).all()):  # one check per step
+            raise FloatingPointError(f"ddim_sample: the eps model returned NaN or inf at step {i} of {len(ts)} "
+                                     f"(t={t}); check the model (and the composition weights) there")
         a_t = float(abar[t])
         a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         x = ddim_step(x, eps, a_t, a_prev, eta=eta, clip_x0=clip_x0, generator=generator)

@@ -234,7 +234,7 @@ def _fixed_steps(step_size, adapt: bool, L: int, kind: str, sig2: torch.Tensor, 
 
 class _Composed:
     """The composition as (x (B, *S), t (B,)) -> (E (B,) or None for ULA, eps (B, *S) in x's dtype),
-    counting its calls."""
+    counting its calls; a NaN energy or eps raises FloatingPointError naming t."""
 
     def __init__(self, composition, *, need_energy: bool):
         self.composition, self.need_energy, self.calls = composition, need_energy, 0
@@ -245,6 +245,11 @@ class _Composed:
             E, eps = self.composition.energy_and_eps(x, t_vec)
         else:
             E, eps = None, self.composition(x, t_vec)
+        bad = eps.isnan().any() if E is None else eps.isnan().any() | E.isnan().any()
+        if bool(bad):  # one check per call; +-inf is left to the Metropolis test (it rejects)
+            what = "eps (score)" if E is None or not bool(E.isnan().any()) else "energy"
+            raise FloatingPointError(f"annealed mcmc: the composition returned NaN {what} at t={int(t_vec[0])} "
+                                     f"(call {self.calls}); check the model (and its energy parameterization) there")
         return E, eps.to(x.dtype)
 
 

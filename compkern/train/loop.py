@@ -87,8 +87,14 @@ class Trainer:
         while self.step < num_steps:
             out = self.step_fn(self.step, self.generator)
             loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at step {self.step}")
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"{self.desc}: step_fn must return a scalar tensor 'loss', got "
+                                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__} "
+                                f"at step {self.step}")
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"{self.desc}: non-finite loss ({loss.item()}) at step {self.step} "
+                                         f"(the checkpoint in {self.out_dir} keeps the last saved step); lower the "
+                                         "learning rate or check the data / model there")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.grad_clip is not None:
