@@ -3,7 +3,9 @@ metrics JSON.
 
 ``step_fn(step, generator) -> {"loss": tensor, other: float, ...}``; the loop does the backward
 pass and the optimizer step. Checkpoints hold the modules, the optimizer, the step, the loop's
-generator and torch's global RNG, so a resumed run continues exactly where it stopped.
+generator, torch's global RNG (and CUDA's, when in use) and the partial sums of the next log row,
+so a run resumed after a crash continues exactly where its last checkpoint stopped: the same
+weights, optimizer state, random draws and history as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self._running: dict[str, float] = {}  # sums over the steps since the last log row
+        self._n_running = 0
         self._resume()
 
     @property
@@ -67,13 +71,21 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
         self.step, self.history = state["step"], state["history"]
+        # checkpoints written before the log sums were saved resume with an empty row
+        self._running, self._n_running = dict(state.get("running", {})), int(state.get("n_running", 0))
 
     def save(self) -> None:
         atomic_write_json(self.config, self.out_dir / "config.json")
         atomic_save({"modules": {n: m.state_dict() for n, m in self.modules.items()},
                      "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                     "torch_rng": torch.get_rng_state(), "step": self.step, "history": self.history},
+                     "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+                     "step": self.step, "history": self.history,
+                     "running": self._running, "n_running": self._n_running},
                     self.checkpoint_path)
         atomic_write_json({"step": self.step, "history": self.history}, self.out_dir / "metrics.json")
 
@@ -81,8 +93,6 @@ class Trainer:
         """Train until ``num_steps`` total steps (counting resumed ones); returns the history."""
         for m in self.modules.values():
             m.train()
-        running: dict[str, float] = {}  # sums over the steps since the last log row
-        n_running = 0
         bar = tqdm(total=num_steps, initial=self.step, desc=self.desc, disable=not self.progress)
         while self.step < num_steps:
             out = self.step_fn(self.step, self.generator)
@@ -102,13 +112,13 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
             self.optimizer.step()
             self.step += 1
-            n_running += 1
+            self._n_running += 1
             for k, v in out.items():
-                running[k] = running.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+                self._running[k] = self._running.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
             if self.step % self.log_every == 0 or self.step == num_steps:
-                row = {"step": self.step, **{k: v / n_running for k, v in running.items()}}
+                row = {"step": self.step, **{k: v / self._n_running for k, v in self._running.items()}}
                 self.history.append(row)
-                running, n_running = {}, 0
+                self._running, self._n_running = {}, 0
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"})
             if self.step % self.save_every == 0 or self.step == num_steps:
                 self.save()
