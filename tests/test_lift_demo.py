@@ -1,10 +1,13 @@
 """`compkern demo`: the task definitions and accuracy rule, and a tiny end-to-end run."""
 import argparse
 import json
+import math
 
+import pytest
 import torch
 
 from compkern.experiments import demo
+from compkern.train import loop
 
 
 def test_accuracy_rule_on_exact_composed_samples():
@@ -26,7 +29,13 @@ def test_accuracy_rule_on_exact_composed_samples():
         assert [names[i] for i in t.classes] == t.expr.names
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def _mean_row(out: str, group: str) -> list[float]:
+    """The percentages printed on the table's 'mean <group>' line."""
+    line = next(ln for ln in out.splitlines() if ln.startswith(f"mean {group}"))
+    return [float(v.rstrip("%")) for v in line[len(f"mean {group}"):].split()]
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     p = argparse.ArgumentParser()
     demo.add_arguments(p)
     args = p.parse_args(["--out", str(tmp_path / "d"), "--n", "24", "--train-steps", "20", "--n-per-class", "64",
@@ -34,15 +43,29 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
                          "--max-trials", "8", "--no-progress"])
     assert demo.run(args) == 0
     out = capsys.readouterr().out
-    assert "mean all" in out and "92.9%" in out
     res = json.loads((tmp_path / "d" / "results.json").read_text())
     assert [t["task"] for t in res["tasks"]] == ["product_c", "negation_a"]
     for t in res["tasks"]:
         assert set(t["methods"]) == set(demo.METHODS)
         assert t["methods"]["composable diffusion"]["acceptance"] == 1.0
+        for m in t["methods"].values():
+            assert math.isnan(m["accuracy"]) or 0.0 <= m["accuracy"] <= 1.0  # NaN: nothing accepted to score
+    # the printed 'mean all' row is the mean over tasks of each method's accuracy, as computed here
+    expected = {}
+    for m in demo.METHODS:
+        accs = [t["methods"][m]["accuracy"] for t in res["tasks"] if not math.isnan(t["methods"][m]["accuracy"])]
+        expected[m] = sum(accs) / len(accs) if accs else float("nan")
+        assert res["summary"]["all"][m] == pytest.approx(expected[m], abs=1e-12, nan_ok=True)
+    assert _mean_row(out, "all") == pytest.approx([round(100 * expected[m], 1) for m in demo.METHODS], abs=0.051,
+                                                  nan_ok=True)
     assert res["rows_per_decision"]["+ CompLift 50 trials"] == 75.0  # 50 trials x (K+1 = 3) / K = 2
     assert (tmp_path / "d" / "samples.png").stat().st_size > 1000
-    # a rerun reuses the trained checkpoint (same configuration) and gives the same numbers
+    # a rerun reuses the trained checkpoint (same configuration): nothing is trained or saved again
+    ckpt = tmp_path / "d" / "model" / "checkpoint.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    monkeypatch.setattr(loop.Trainer, "save", lambda self: pytest.fail("the rerun trained instead of reusing"))
+    monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: pytest.fail("the rerun ran a training step"))
     assert demo.run(args) == 0
+    assert ckpt.stat().st_mtime_ns == stamp
     again = json.loads((tmp_path / "d" / "results.json").read_text())
     assert again["summary"] == res["summary"]

@@ -76,9 +76,15 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path):
     assert torch.unique(res.samples, dim=0).shape[0] == res.samples.shape[0]  # no duplicate
     # everything accepted before the crash is still there, first
     torch.testing.assert_close(res.samples[: kept_before.samples.shape[0]], kept_before.samples)
-    # a finished folder rerun does no more work
-    again = RejectionSampler(out, crashing, _score, config={"k": 1}, batch_size=16, progress=False).run(60)
-    assert again.batches == res.batches
+    # a finished folder rerun does no more work: nothing generated or scored, no shard rewritten
+    stamps = {f: f.stat().st_mtime_ns for f in out.iterdir()}
+
+    def never(*a):
+        pytest.fail("the finished run generated or scored again")
+
+    again = RejectionSampler(out, never, never, config={"k": 1}, batch_size=16, progress=False).run(60)
+    assert again.batches == res.batches and torch.equal(again.samples, res.samples)
+    assert {f: f.stat().st_mtime_ns for f in out.iterdir()} == stamps
 
 
 def test_refuses_a_folder_of_another_configuration(tmp_path):
