@@ -137,6 +137,10 @@ def test_train_component_denoisers_resumes_after_a_crash_in_forward(tmp_path, mo
     got = run(tmp_path / "run")
     for a, b in zip(ref, got):
         assert_same_state(a, b)  # the EMA weights that get used
+    # the checkpoint keeps the EMA as a plain StackedToyDenoiser state (the layout older folders have)
+    from compkern.utils.checkpoint import load
+    saved = load(tmp_path / "run" / "checkpoint.pt")["modules"]
+    assert saved["ema"].keys() == saved["net"].keys() == StackedToyDenoiser(2, hidden=8, depth=1, num_steps=10).state_dict().keys()
 
 
 def test_coind_trainer_resumes_after_a_crash_in_the_data(tmp_path):

@@ -7,17 +7,19 @@ gradients clipped to norm 1 per model, and an exponential moving average of the 
 ``ema``) that is what gets used, as in the public runs.
 
 The M models train together as one StackedToyDenoiser (independent weights, losses, clipping and
-Adam moments: the same updates as M separate runs, for the price of one batched step). The shared
-Trainer gives the progress bar, atomic checkpoints (weights, EMA, optimizer, RNG) and resume: a
-rerun on a finished folder loads it and returns at once.
+Adam moments: the same updates as M separate runs, for the price of one batched step). The EMA is
+torch's ``AveragedModel`` with ``get_ema_multi_avg_fn``; its inner module is what the checkpoint
+holds under "ema" (the same keys as before, so older folders load). The shared Trainer gives the
+progress bar, atomic checkpoints (weights, EMA, optimizer, RNG) and resume: a rerun on a finished
+folder loads it and returns at once.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from compkern.data.toy2d import Distribution2D
 from compkern.models.schedule import NoiseSchedule
@@ -60,13 +62,15 @@ def train_component_denoisers(components: Sequence[Distribution2D], schedule: No
     M = len(components)
     torch.manual_seed(seed)
     net = StackedToyDenoiser(M, hidden=hidden, depth=depth, num_steps=schedule.num_steps)
-    ema_net = copy.deepcopy(net).requires_grad_(False)
+    ema_net = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=False)
+    ema_net.update_parameters(net)  # the first update copies: from here on every update is an EMA step
+    ema_net.module.requires_grad_(False)
     sqrt_abar = schedule.alphas_cumprod.sqrt().float()
     sqrt_1m = (1 - schedule.alphas_cumprod).sqrt().float()
     opt = _MemberClippedAdam(net.parameters(), lr=lr, max_norm=1.0)
 
     def fold_ema() -> None:
-        torch._foreach_lerp_(list(ema_net.parameters()), [p.detach() for p in net.parameters()], 1 - ema)
+        ema_net.update_parameters(net)
 
     def step_fn(step: int, g: torch.Generator) -> dict:
         if step > 0:  # fold in the weights after the previous optimizer step
@@ -83,9 +87,9 @@ def train_component_denoisers(components: Sequence[Distribution2D], schedule: No
               "data_checksums": [round(float(c.sample(256, g0.manual_seed(0)).double().sum()), 6) for c in components],
               "schedule": {"num_steps": schedule.num_steps, "abar_end": round(float(schedule.alphas_cumprod[-1]), 9)},
               "steps": steps, "batch_size": batch_size, "lr": lr, "ema": ema, "grad_clip_per_model": 1.0}
-    trainer = Trainer(out_dir, {"net": net, "ema": ema_net}, opt, step_fn, config=config, seed=seed,
+    trainer = Trainer(out_dir, {"net": net, "ema": ema_net.module}, opt, step_fn, config=config, seed=seed,
                       save_every=save_every, log_every=max(1, min(100, steps // 10)), grad_clip=None,
                       desc=f"train {M} component models", progress=progress)
     trainer.fit(steps)
     fold_ema()  # the last step's weights (not in the checkpoint's EMA, so the same on every rerun)
-    return [ema_net.member(m) for m in range(M)]
+    return [ema_net.module.member(m) for m in range(M)]
