@@ -34,6 +34,8 @@ After the last level, ``final_denoise`` maps x to the predicted x0 (the last DDI
 ``composition`` is an eps callable ``f(x_t (B, *S), t (B,)) -> eps`` for ULA, and must also have
 ``energy_and_eps(x_t, t) -> (E (B,), eps)`` for MALA and HMC (compkern.samplers.compositions with an
 energy-parameterized model). Model evaluations are counted in rows (``composition.n_evals``).
+A NaN energy or eps from the composition raises FloatingPointError naming t (one check per call);
++-inf energies are left to the Metropolis test, which rejects them.
 """
 from __future__ import annotations
 
