@@ -183,3 +183,17 @@ def test_bad_inputs(setup):
         estimate_lift(nan_model, x0, [0], 4, sched, n_trials=4)
     with pytest.raises(FloatingPointError, match="NaN"):
         estimate_lift(nan_model, x0, [0, 1], 4, sched, adaptive=True, n_trials=8, z=0.01, chunk_trials=2)
+
+
+def test_cached_true_lift_reuses_its_file_and_recomputes_for_other_samples(tmp_path, monkeypatch):
+    from compkern.lift.exact import cached_true_lift
+
+    model = GaussianClassesEps(MEANS, torch.full((4,), 0.5), NoiseSchedule.cosine(1000))
+    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "truth.pt"
+    first = cached_true_lift(model, x0, path, nodes=4)
+    monkeypatch.setattr(model, "true_lift", lambda *a, **k: pytest.fail("the cached truth was computed again"))
+    torch.testing.assert_close(cached_true_lift(model, x0, path, nodes=4), first)
+    monkeypatch.undo()
+    other = cached_true_lift(model, x0 + 1, path, nodes=4)
+    assert other.shape == first.shape and not torch.equal(other, first)

@@ -122,12 +122,13 @@ def cached_true_lift(model: GaussianClassesEps, x0: torch.Tensor, path, *, nodes
     file holds the same x0 (the quadrature costs minutes for a few thousand samples)."""
     from pathlib import Path
 
+    from compkern.utils.checkpoint import atomic_save, load
+
     path = Path(path)
     if path.exists():
-        saved = torch.load(path)
+        saved = load(path)
         if torch.equal(saved["x0"], x0):
             return saved["truth"]
     truth = model.true_lift(x0, nodes=nodes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"x0": x0, "truth": truth}, path)
+    atomic_save({"x0": x0, "truth": truth}, path)
     return truth
