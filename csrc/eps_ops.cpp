@@ -21,8 +21,11 @@
 #include <torch/extension.h>
 
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -188,14 +191,41 @@ inline void vstore16(T* p, __m512 v, __mmask16 m) {
   }
 }
 
+// Streaming (non-temporal) store of 16 fp32 lanes as T at a suitably aligned p, all lanes: the
+// line is written without being read first (no read-for-ownership), for outputs beyond the cache.
+template <typename T>
+inline bool vstream16(T* p, __m512 v) {
+  constexpr uintptr_t align = 16 * sizeof(T);
+  if ((reinterpret_cast<uintptr_t>(p) & (align - 1)) != 0) return false;
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(reinterpret_cast<float*>(p), v);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  return true;
+}
+
+// Outputs at least this large are written with streaming stores (half the L3 of the machines this
+// runs on: such an output leaves the cache before anyone reads it anyway).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
 // combine_eps for fp32/fp16/bf16 with the accumulator in a register: per 16 elements, p0 and each
 // pk are loaded once and the result is stored once (K+2 streams, nothing else touches memory).
-template <typename T>
+// STREAM: full aligned 16-lane stores bypass the cache (large outputs).
+template <typename T, bool STREAM>
 void combine_kernel_avx512(const T* preds, const float* w, T* out, int64_t K, int64_t B, int64_t N) {
   constexpr int64_t kAhead = 2048 / sizeof(T);
   const int64_t nblk = (N + kCombineBlock - 1) / kCombineBlock;
   const int64_t items = B * nblk;
-#pragma omp parallel for schedule(static) num_threads(num_threads_for(items, (K + 1) * B * N))
+#pragma omp parallel num_threads(num_threads_for(items, (K + 1) * B * N))
+  {
+#pragma omp for schedule(static)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t b = it / nblk, j0 = (it % nblk) * kCombineBlock;
     const int64_t n = std::min(kCombineBlock, N - j0);
@@ -210,8 +240,12 @@ void combine_kernel_avx512(const T* preds, const float* w, T* out, int64_t K, in
         _mm_prefetch(reinterpret_cast<const char*>(pk + kAhead), _MM_HINT_T0);
         acc = _mm512_fmadd_ps(_mm512_set1_ps(w[b * K + k]), _mm512_sub_ps(vload16(pk, m), p0), acc);
       }
-      vstore16(out + b * N + j0 + i, _mm512_add_ps(p0, acc), m);
+      const __m512 res = _mm512_add_ps(p0, acc);
+      if (!STREAM || m != __mmask16(0xFFFF) || !vstream16(out + b * N + j0 + i, res))
+        vstore16(out + b * N + j0 + i, res, m);
     }
+  }
+  if (STREAM) _mm_sfence();  // each thread: its streaming stores are weakly ordered
   }
 }
 
@@ -256,7 +290,10 @@ template <typename T>
 void combine_run(const T* preds, const at::opmath_type<T>* w, T* out, int64_t K, int64_t B, int64_t N) {
 #ifdef COMPKERN_AVX512
   if constexpr (std::is_same_v<at::opmath_type<T>, float>) {
-    combine_kernel_avx512<T>(preds, w, out, K, B, N);
+    if (B * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes)
+      combine_kernel_avx512<T, true>(preds, w, out, K, B, N);
+    else
+      combine_kernel_avx512<T, false>(preds, w, out, K, B, N);
     return;
   }
 #endif
@@ -470,9 +507,114 @@ void check_cpu_float(const at::Tensor& x, const char* name) {
               " must be float32, float16, bfloat16 or float64, got ", t);
 }
 
+// ---- recycled outputs of combine_eps ---------------------------------------------------------
+//
+// A fresh output of tens of MB (combine_eps at B = 512: 33.5 MB fp32) comes from mmap every call
+// and costs page faults (the kernel zeroes every page) that take ~30-40% of the op's own time even
+// with transparent huge pages. A sampler calls combine_eps once per step with the same shape and
+// drops the previous step's result, so large outputs (>= kPoolMinBytes) are recycled: their
+// deleter returns the buffer to a small pool (at most kPoolMaxBuffers buffers, kPoolMaxBytes in
+// all; beyond that it is freed), and the next output of the same size reuses it. Buffers are
+// 2 MiB aligned and madvise(MADV_HUGEPAGE)d. COMPKERN_OUTPUT_POOL=0 turns the pool off;
+// combine_eps_pool_clear() frees what it holds. Callers that preallocate use out= instead.
+constexpr size_t kPoolMinBytes = size_t(4) << 20;
+constexpr size_t kPoolMaxBytes = size_t(512) << 20;
+constexpr size_t kPoolMaxBuffers = 4;
+constexpr size_t kHuge = size_t(2) << 20;
+
+struct OutputPool {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> free_list;  // (bytes, buffer)
+  size_t held = 0;
+  bool enabled = true;
+};
+
+OutputPool& output_pool() {
+  // Never destroyed: outputs alive at exit may still return their buffer to it.
+  static OutputPool* pool = [] {
+    auto* p = new OutputPool();
+    const char* env = std::getenv("COMPKERN_OUTPUT_POOL");
+    p->enabled = !(env != nullptr && std::strcmp(env, "0") == 0);
+    return p;
+  }();
+  return *pool;
+}
+
+void pool_release(void* ptr, size_t bytes) {
+  OutputPool& pool = output_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.enabled && pool.free_list.size() < kPoolMaxBuffers && pool.held + bytes <= kPoolMaxBytes) {
+      pool.free_list.emplace_back(bytes, ptr);
+      pool.held += bytes;
+      return;
+    }
+  }
+  std::free(ptr);
+}
+
+struct PoolCtx {
+  void* ptr;
+  size_t bytes;
+};
+
+void pool_deleter(void* ctx) {
+  auto* c = static_cast<PoolCtx*>(ctx);
+  pool_release(c->ptr, c->bytes);
+  delete c;
+}
+
+// An uninitialized contiguous tensor of `sizes`, from the pool when it is large.
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  OutputPool& pool = output_pool();
+  if (!pool.enabled || nbytes < kPoolMinBytes) return at::empty(sizes, options);
+  const size_t bytes = (nbytes + kHuge - 1) / kHuge * kHuge;
+  void* ptr = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    for (size_t i = 0; i < pool.free_list.size(); ++i) {
+      if (pool.free_list[i].first == bytes) {
+        ptr = pool.free_list[i].second;
+        pool.free_list.erase(pool.free_list.begin() + static_cast<std::ptrdiff_t>(i));
+        pool.held -= bytes;
+        break;
+      }
+    }
+  }
+  if (ptr == nullptr) {
+    if (posix_memalign(&ptr, kHuge, bytes) != 0) return at::empty(sizes, options);
+#ifdef MADV_HUGEPAGE
+    madvise(ptr, bytes, MADV_HUGEPAGE);
+#endif
+  }
+  auto* ctx = new PoolCtx{ptr, bytes};
+  return at::from_blob(ptr, sizes, [ctx](void*) { pool_deleter(ctx); }, options.device(at::kCPU));
+}
+
 }  // namespace
 
-at::Tensor combine_eps_cpu(const at::Tensor& preds_in, const at::Tensor& weights_in) {
+void combine_eps_pool_clear() {
+  OutputPool& pool = output_pool();
+  std::vector<std::pair<size_t, void*>> bufs;
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    bufs.swap(pool.free_list);
+    pool.held = 0;
+  }
+  for (auto& b : bufs) std::free(b.second);
+}
+
+int64_t combine_eps_pool_bytes() {
+  OutputPool& pool = output_pool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  return static_cast<int64_t>(pool.held);
+}
+
+at::Tensor combine_eps_cpu(const at::Tensor& preds_in, const at::Tensor& weights_in,
+                           const c10::optional<at::Tensor>& out_in) {
   check_cpu_float(preds_in, "preds");
   check_cpu_float(weights_in, "weights");
   TORCH_CHECK(preds_in.dim() >= 2, "preds must be (K+1, B, *S), got ", preds_in.sizes());
@@ -483,7 +625,18 @@ at::Tensor combine_eps_cpu(const at::Tensor& preds_in, const at::Tensor& weights
               "weights must be (K,) or (B, K) with K = ", K, ", B = ", B, ", got ", weights_in.sizes());
   const at::Tensor preds = preds_in.contiguous();
   const at::Tensor weights = weights_in.to(acc_type(preds.scalar_type())).expand({B, K}).contiguous();
-  at::Tensor out = at::empty(preds.sizes().slice(1), preds.options());
+  at::Tensor out;
+  if (out_in.has_value()) {
+    out = *out_in;
+    TORCH_CHECK(out.device().is_cpu(), "out must be a CPU tensor, got ", out.device());
+    TORCH_CHECK(out.scalar_type() == preds.scalar_type(), "out must have dtype ", preds.scalar_type(),
+                " (the dtype of preds), got ", out.scalar_type());
+    TORCH_CHECK(out.sizes() == preds.sizes().slice(1), "out must have shape (B, *S) = ", preds.sizes().slice(1),
+                ", got ", out.sizes());
+    TORCH_CHECK(out.is_contiguous(), "out must be contiguous, got strides ", out.strides());
+  } else {
+    out = pooled_empty(preds.sizes().slice(1), preds.options());
+  }
   const int64_t N = B == 0 ? 0 : out.numel() / B;
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, preds.scalar_type(), "combine_eps_cpu", [&] {

@@ -7,7 +7,10 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "compkern C++ CPU kernels (OpenMP over rows, fp32 accumulation)";
   m.def("combine_eps", &compkern::combine_eps_cpu, "combine_eps on CPU: preds (K+1, B, *S), weights (K,) or (B, K) -> (B, *S)",
-        py::arg("preds"), py::arg("weights"));
+        py::arg("preds"), py::arg("weights"), py::arg("out") = py::none());
+  m.def("combine_eps_pool_clear", &compkern::combine_eps_pool_clear,
+        "free the recycled large combine_eps outputs the pool holds");
+  m.def("combine_eps_pool_bytes", &compkern::combine_eps_pool_bytes, "bytes of recycled outputs held by the pool");
   m.def("lift_partial", &compkern::lift_partial_cpu,
         "lift_partial on CPU: noise (T, B, *S), preds (T, K+1, B, *S), weights (T, B), pixel_map -> (sum_wd, sum_wd2, pixel|None)",
         py::arg("noise"), py::arg("preds"), py::arg("weights"), py::arg("pixel_map"));

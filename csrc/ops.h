@@ -9,7 +9,11 @@
 
 namespace compkern {
 // eps_ops.cpp. combine_eps: preds (K+1, B, *S), weights (K,) or (B, K) -> (B, *S) in preds' dtype.
-at::Tensor combine_eps_cpu(const at::Tensor& preds, const at::Tensor& weights);
+// With out, writes into it (contiguous, preds' dtype, shape (B, *S)) and returns it; without, large
+// outputs come from a small pool of recycled buffers (see eps_ops.cpp).
+at::Tensor combine_eps_cpu(const at::Tensor& preds, const at::Tensor& weights, const c10::optional<at::Tensor>& out);
+void combine_eps_pool_clear();
+int64_t combine_eps_pool_bytes();
 // eps_ops.cpp. lift_partial: noise (T, B, *S), preds (T, K+1, B, *S), weights (T, B) ->
 // (sum_wd (K, B), sum_wd2 (K, B), sum_wd_pixel (K, B, H, W) if pixel_map), fp32 (fp64 for fp64).
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> lift_partial_cpu(

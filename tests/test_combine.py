@@ -146,3 +146,146 @@ print(len(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]))
 def test_triton_kernel_lowers_for_cuda():
     """No GPU here: compile the kernel for sm_90 (the real, non-interpreted pipeline down to PTX)."""
     assert_lowers_for_cuda(_CUDA_COMPILE)
+
+
+# ---- autograd: one Function, every backend --------------------------------------------------
+
+GRAD_SHAPES = [(1, 1, (3, 5)), (3, 2, (2, 3, 5)), (2, 3, ()), (4, 1, (7,))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K,B,S", GRAD_SHAPES)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["w(K)", "w(B,K)"])
+def test_gradcheck_fp64(backend, K, B, S, per_sample):
+    require_backend(backend)
+    preds = torch.randn(K + 1, B, *S, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(*((B, K) if per_sample else (K,)), dtype=torch.float64, requires_grad=True)
+    fn = lambda p, w: combine_eps(p, w, backend=backend)  # noqa: E731
+    # the interpreter is slow: random projections for triton, every element for the others
+    assert torch.autograd.gradcheck(fn, (preds, weights), fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,B,S", [(3, 2, (4, 7, 5)), (1, 3, (13,))])
+def test_grads_match_reference_autograd(backend, dtype, K, B, S):
+    """Gradients w.r.t. preds (in preds' dtype) and weights (fp32) against the fp64 reference's
+    autograd, with the reference's own autograd at the input dtype as the tolerance yardstick."""
+    require_backend(backend)
+    preds0 = torch.randn(K + 1, B, *S).to(dtype)
+    weights0 = torch.randn(B, K) * 2
+    grad_out = torch.randn(B, *S).to(dtype)
+
+    def grads(fn, p, w):
+        p, w = p.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(p, w)
+        out.backward(grad_out.to(out.dtype))
+        return out, p.grad, w.grad
+
+    out, gp, gw = grads(lambda p, w: combine_eps(p, w, backend=backend), preds0, weights0)
+    assert out.requires_grad and out.grad_fn is not None  # not detached (the cpp/triton bug)
+    assert gp.dtype == dtype and gw.dtype == torch.float32
+    _, gp64, gw64 = grads(reference.combine_eps, preds0.double(), weights0.double())
+    _, gp_naive, gw_naive = grads(reference.combine_eps, preds0, weights0)
+    assert_close_to_reference(gp, gp64, gp_naive, name=f"{backend} {dtype} grad preds")
+    assert_close_to_reference(gw, gw64, gw_naive, name=f"{backend} {dtype} grad weights")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_grad_only_preds_or_only_weights(backend):
+    require_backend(backend)
+    preds, weights = torch.randn(3, 2, 5, 3), torch.randn(2)
+    p = preds.clone().requires_grad_()
+    combine_eps(p, weights, backend=backend).sum().backward()
+    expected = torch.cat([1 - weights.sum().reshape(1), weights]).reshape(3, 1, 1, 1).expand_as(preds)
+    torch.testing.assert_close(p.grad, expected)
+    w = weights.clone().requires_grad_()
+    combine_eps(preds, w, backend=backend).sum().backward()
+    torch.testing.assert_close(w.grad, (preds[1:] - preds[0]).flatten(1).sum(1))
+
+
+# ---- out= -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_out_is_written_and_returned(backend, dtype):
+    require_backend(backend)
+    preds, weights = torch.randn(3, 2, 4, 7, 5).to(dtype), torch.randn(2, 2)
+    out = torch.full((2, 4, 7, 5), float("nan"), dtype=dtype)
+    res = combine_eps(preds, weights, out=out, backend=backend)
+    assert res is out
+    torch.testing.assert_close(out, combine_eps(preds, weights, backend=backend), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_out_bumps_version_counter(backend):
+    require_backend(backend)
+    preds, weights = torch.randn(3, 2, 6), torch.randn(2)
+    out = torch.empty(2, 6)
+    v = out._version
+    combine_eps(preds, weights, out=out, backend=backend)
+    assert out._version > v
+
+
+def _bad_outs():
+    preds = torch.randn(3, 2, 4, 5)
+    wide = torch.empty(2, 4, 10)
+    return [
+        # (out, exception, words the message must contain)
+        (torch.empty(2, 4, 6), ValueError, ["out", "(2, 4, 5)"]),
+        (torch.empty(2, 20), ValueError, ["out", "(B, *S)"]),
+        (torch.empty(2, 4, 5, dtype=torch.float64), TypeError, ["out", "float32"]),
+        (torch.empty(2, 4, 5, dtype=torch.bfloat16), TypeError, ["out", "dtype"]),
+        (torch.empty(2, 4, 5, device="meta"), ValueError, ["out", "cpu"]),
+        (wide[:, :, ::2], ValueError, ["out", "contiguous"]),
+        ([[0.0]], TypeError, ["out", "Tensor", "(2, 4, 5)"]),
+        (preds[1], ValueError, ["out", "overlap", "preds"]),
+    ], preds
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpp", "triton"])
+@pytest.mark.parametrize("case", range(8))
+def test_bad_out_raises(backend, case):
+    cases, preds = _bad_outs()
+    out, exc, words = cases[case]
+    with pytest.raises(exc) as info:
+        combine_eps(preds, torch.randn(2), out=out, backend=backend)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_refuses_autograd(backend):
+    require_backend(backend)
+    preds, weights = torch.randn(3, 2, 5), torch.randn(2)
+    for p, w in ((preds.clone().requires_grad_(), weights), (preds, weights.clone().requires_grad_())):
+        with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
+            combine_eps(p, w, out=torch.empty(2, 5), backend=backend)
+        with torch.no_grad():  # no graph to record: fine
+            out = combine_eps(p, w, out=torch.empty(2, 5), backend=backend)
+        torch.testing.assert_close(out, reference.combine_eps(preds, weights))
+    with pytest.raises(RuntimeError, match="out= does not support"):
+        combine_eps(preds, weights, out=torch.empty(2, 5, requires_grad=True), backend=backend)
+
+
+def test_cpp_recycles_large_fresh_outputs():
+    """Outputs >= 4 MiB come back from the C++ pool (no page faults): same buffer, right values."""
+    require_backend("cpp")
+    mod = _dispatch.cpp_module()
+    mod.combine_eps_pool_clear()
+    preds, weights = torch.randn(3, 2, 1 << 19), torch.randn(2)  # output 4 MiB
+    first = combine_eps(preds, weights, backend="cpp")
+    ptr = first.data_ptr()
+    expected = reference.combine_eps(preds, weights)
+    torch.testing.assert_close(first, expected)
+    del first
+    assert mod.combine_eps_pool_bytes() >= 4 << 20
+    second = combine_eps(preds * 2, weights, backend="cpp")
+    assert second.data_ptr() == ptr and mod.combine_eps_pool_bytes() == 0
+    torch.testing.assert_close(second, 2 * expected)
+    kept = [combine_eps(preds, weights, backend="cpp") for _ in range(6)]  # all alive: all fresh
+    assert len({t.data_ptr() for t in kept} | {second.data_ptr()}) == 7
+    del kept, second
+    assert mod.combine_eps_pool_bytes() <= 4 * (4 << 20)  # at most 4 buffers kept
+    mod.combine_eps_pool_clear()
+    assert mod.combine_eps_pool_bytes() == 0

@@ -239,3 +239,115 @@ print(len(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]))
 def test_triton_kernel_lowers_for_cuda():
     """No GPU here: compile the kernel for sm_90 (the real, non-interpreted pipeline down to PTX)."""
     assert_lowers_for_cuda(_CUDA_COMPILE)
+
+
+# ---- autograd: one Function, every backend --------------------------------------------------
+
+def _outputs(part: LiftPartial):
+    return (part.sum_wd, part.sum_wd2) + ((part.sum_wd_pixel,) if part.sum_wd_pixel is not None else ())
+
+
+# (T, K, B, S, pixel_map): odd sizes, a flat S, K = 1, T = 1
+GRAD_CASES = [(2, 2, 2, (2, 3, 5), True), (1, 1, 3, (7,), False), (3, 3, 1, (1, 2, 3), True), (2, 1, 2, (3, 5), False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,K,B,S,pixel_map", GRAD_CASES)
+def test_gradcheck_fp64(backend, T, K, B, S, pixel_map):
+    """All outputs (sum_wd, sum_wd2, the pixel map) w.r.t. noise, preds and weights (T, B)."""
+    require_backend(backend)
+    noise, preds, _ = _inputs(T, K, B, S, torch.float64, "none")
+    noise.requires_grad_()
+    preds.requires_grad_()
+    weights = (torch.rand(T, B, dtype=torch.float64) + 0.5).requires_grad_()
+    fn = lambda n, p, w: _outputs(lift_partial(n, p, weights=w, pixel_map=pixel_map, backend=backend))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (noise, preds, weights), fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_fp64_weights_T_and_one_output(backend):
+    """weights (T,) (expanded outside the Function), and only sum_wd2 used (other grads None)."""
+    require_backend(backend)
+    noise, preds, _ = _inputs(3, 2, 2, (2, 3, 4), torch.float64, "none")
+    noise.requires_grad_()
+    preds.requires_grad_()
+    weights = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    fn = lambda n, p, w: lift_partial(n, p, weights=w, pixel_map=True, backend=backend).sum_wd2  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (noise, preds, weights), fast_mode=backend == "triton")
+    fn = lambda n, p, w: lift_partial(n, p, weights=w, pixel_map=True, backend=backend).pixel_mean  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (noise, preds, weights), fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,K,B,S,pixel_map", [(2, 2, 2, (3, 7, 5), True), (3, 1, 2, (37,), False)])
+def test_grads_match_reference_autograd(backend, dtype, T, K, B, S, pixel_map):
+    """Gradients (in each input's dtype) against the fp64 reference's autograd; the reference's
+    own autograd at the input dtype (fp32 inside, cast back) is the tolerance yardstick."""
+    require_backend(backend)
+    noise0, preds0, _ = _inputs(T, K, B, S, dtype, "none")
+    w0 = torch.rand(T, B) + 0.5
+    gouts = [torch.randn(K, B), torch.randn(K, B) * 1e-2] + ([torch.randn(K, B, *S[1:])] if pixel_map else [])
+
+    def grads(fn, n, p, w):
+        n, p, w = n.clone().requires_grad_(), p.clone().requires_grad_(), w.clone().requires_grad_()
+        outs = [o for o in fn(n, p, w) if o is not None]
+        torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(gouts, outs)])
+        return outs, (n.grad, p.grad, w.grad)
+
+    outs, got = grads(lambda n, p, w: _outputs(lift_partial(n, p, weights=w, pixel_map=pixel_map, backend=backend)),
+                      noise0, preds0, w0)
+    assert all(o.requires_grad for o in outs)  # not detached (the cpp/triton bug)
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
+    ref_fn = lambda n, p, w: reference.lift_partial(n, p, w, pixel_map)  # noqa: E731
+    _, want = grads(ref_fn, noise0.double(), preds0.double(), w0.double())
+    _, naive = grads(ref_fn, noise0, preds0, w0)
+    for name, g, r, y in zip(("noise", "preds", "weights"), got, want, naive):
+        assert_close_to_reference(g, r, y, name=f"{backend} {dtype} grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_grad_mixed_dtypes_follow_inputs(backend):
+    """noise fp32, preds bf16: the kernels promote, the gradients come back in each input's dtype."""
+    require_backend(backend)
+    noise, preds, weights = _inputs(2, 2, 2, (2, 3, 4), torch.float32, "TB")
+    preds = preds.bfloat16().requires_grad_()
+    noise.requires_grad_()
+    lift_partial(noise, preds, weights=weights, pixel_map=True, backend=backend).sum_wd.sum().backward()
+    assert noise.grad.dtype == torch.float32 and preds.grad.dtype == torch.bfloat16
+    n, p = noise.detach().clone().requires_grad_(), preds.detach().float().requires_grad_()
+    reference.lift_partial(n, p, weights, True)[0].sum().backward()
+    torch.testing.assert_close(noise.grad, n.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(preds.grad.float(), p.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
+    """fp16/bf16 inputs, fp32 outputs: they must match the fp64 computation on the same (rounded)
+    inputs to fp32 accuracy, not to the input dtype's. The yardstick is not computed at the input
+    dtype; the same sums accumulated in the input dtype fail the bound (checked below)."""
+    require_backend(backend)
+    T, K, B, S = 2, 2, 2, (4, 16, 16)  # 1024 elements summed per d
+    noise, preds, weights = _inputs(T, K, B, S, dtype, "TB")
+    part = lift_partial(noise, preds, weights=weights, pixel_map=True, backend=backend)
+    assert part.sum_wd.dtype == torch.float32
+    n, p, w = noise.double().unsqueeze(1), preds.double(), weights.double()
+    diff = (n[:, 0] - p[:, 0]).square().unsqueeze(1) - (n - p[:, 1:]).square()  # (T, K, B, *S)
+    ref = reference.lift_partial(noise.double(), preds.double(), w, True)
+    # fp32 accumulation error bound: a few ulp of fp32 times the magnitude of the summed terms
+    l1 = (w[:, None, :] * diff.abs().flatten(3).sum(-1))  # (T, K, B)
+    d_abs = diff.flatten(3).sum(-1).abs() + diff.abs().flatten(3).sum(-1)
+    bound1 = 1e-5 * l1.sum(0)
+    bound2 = 1e-5 * (w[:, None, :] * d_abs * diff.abs().flatten(3).sum(-1)).sum(0) * 2
+    boundp = 1e-5 * (w[:, None, :, None, None] * diff.abs().sum(3)).sum(0) + 1e-6
+    assert ((part.sum_wd.double() - ref[0]).abs() <= bound1).all(), (part.sum_wd.double() - ref[0]).abs().max()
+    assert ((part.sum_wd2.double() - ref[1]).abs() <= bound2).all()
+    assert ((part.sum_wd_pixel.double() - ref[2]).abs() <= boundp).all()
+    # the same sums accumulated at the input dtype would not pass: the test can fail
+    terms = diff.to(dtype).flatten(3)
+    acc = torch.zeros(terms.shape[:3], dtype=dtype)
+    for i in range(terms.shape[-1]):  # sequential accumulation, rounded to the input dtype each step
+        acc = acc + terms[..., i]
+    low = (acc * weights.to(dtype)[:, None, :]).sum(0)
+    assert ((low.double() - ref[0]).abs() > bound1).any()

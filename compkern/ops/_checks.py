@@ -34,3 +34,40 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 def check_shape(name: str, x: torch.Tensor, shape: Sequence[int], what: str) -> None:
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def _byte_span(x: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses of the elements of ``x`` (any strides)."""
+    if x.numel() == 0:
+        return 0, 0
+    lo = hi = x.data_ptr()
+    for size, stride in zip(x.shape, x.stride()):
+        reach = (size - 1) * stride * x.element_size()
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return lo, hi + x.element_size()
+
+
+def check_out(out, shape: Sequence[int], dtype: torch.dtype, device: torch.device, what: str,
+              **inputs: torch.Tensor) -> None:
+    """``out`` is a contiguous tensor of ``shape``, ``dtype`` and ``device`` whose memory does not
+    overlap any of ``inputs`` (a kernel writing it would read clobbered inputs)."""
+    shape = tuple(shape)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor of shape {what} = {shape} and dtype {dtype}, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {dtype} (the dtype of preds), got {out.dtype}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {what} = {shape}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"out must be on {device} (the device of the inputs), got {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous (shape {what} = {shape}), got strides {out.stride()}")
+    if device.type == "meta":
+        return
+    lo, hi = _byte_span(out)
+    for name, x in inputs.items():
+        if x is None or x.device != device or hi == lo:
+            continue
+        xlo, xhi = _byte_span(x)
+        if xlo < hi and lo < xhi:
+            raise ValueError(f"out must not overlap {name} in memory (its kernel reads {name} while writing out)")

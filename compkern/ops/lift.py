@@ -3,6 +3,16 @@
 For trials t = 1..T with noise eps_t and predictions preds[t, 0] (null) and preds[t, k+1]
 (condition k), d[t, k, b] = |eps - pred_null|^2 - |eps - pred_k|^2 summed over S. The lift
 estimate is the weighted mean of d over trials; LiftPartial holds running sums that add.
+
+Autograd: one ``torch.autograd.Function`` (``_LiftFn``) for every backend; its forward calls the
+chosen backend's kernel, its backward (the same for every backend) recomputes the per-trial
+differences in fp32 (fp64 for fp64 inputs) and casts each gradient to its input's dtype. With
+e0 = noise - preds[:, 0], ek = noise - preds[:, k+1], diff = e0^2 - ek^2, d = sum_S diff and the
+incoming gradients G1 (of sum_wd), G2 (of sum_wd2), Gp (of sum_wd_pixel, broadcast over C):
+
+    D[t, k, b, *S] = w[t, b] * (G1[k, b] + 2 G2[k, b] d[t, k, b] + Gp[k, b, h, w])
+    d/d preds[:, k+1] = 2 D ek        d/d preds[:, 0] = -2 e0 sum_k D
+    d/d noise = 2 sum_k D (e0 - ek)   d/d w[t, b] = sum_k G1 d + G2 d^2 + sum_hw Gp sum_C diff
 """
 from __future__ import annotations
 
@@ -116,6 +126,63 @@ def _triton(noise, preds, weights, pixel_map):
 IMPLS = {"torch": _torch, "cpp": _cpp, "triton": _triton}
 
 
+class _LiftFn(torch.autograd.Function):
+    """Forward: the backend's kernel -> (sum_wd, sum_wd2[, sum_wd_pixel]). Backward: the closed
+    form in the module docstring, in fp32 (fp64 for fp64), for every backend."""
+
+    @staticmethod
+    def forward(ctx, impl, pixel_map, noise, preds, weights):
+        sum_wd, sum_wd2, pixel = impl(noise, preds, weights, pixel_map)
+        ctx.save_for_backward(noise, preds, weights)
+        ctx.set_materialize_grads(False)  # outputs without a gradient arrive as None: skipped
+        return (sum_wd, sum_wd2) if pixel is None else (sum_wd, sum_wd2, pixel)
+
+    @staticmethod
+    def backward(ctx, g1, g2, gp=None):
+        noise, preds, weights = ctx.saved_tensors
+        if g1 is None and g2 is None and gp is None:
+            return None, None, None, None, None
+        acc = torch.float64 if torch.float64 in (noise.dtype, preds.dtype) else torch.float32
+        T, K1, B = preds.shape[:3]
+        S = tuple(preds.shape[3:])
+        ones = (1,) * len(S)
+        n = noise.to(acc).unsqueeze(1)  # (T, 1, B, *S)
+        p = preds.to(acc)
+        e0 = n[:, 0] - p[:, 0]  # (T, B, *S)
+        ek = n - p[:, 1:]  # (T, K, B, *S)
+        diff = d = None
+        if g2 is not None or ctx.needs_input_grad[4]:  # d (T, K, B) is needed
+            diff = e0.square().unsqueeze(1) - ek.square()  # (T, K, B, *S)
+            d = diff.flatten(3).sum(-1)
+        w = weights.to(acc)[:, None, :]  # (T, 1, B)
+        a = torch.zeros(T, K1 - 1, B, dtype=acc, device=noise.device)  # per-(t, k, b) part of dL/d diff / w
+        if g1 is not None:
+            a = a + g1.to(acc)
+        if g2 is not None:
+            a = a + 2 * g2.to(acc) * d
+        D = (w * a).reshape(T, K1 - 1, B, *ones)
+        if gp is not None:  # (K, B, H, W) -> broadcast over trials and channels
+            D = D + w.reshape(T, 1, B, 1, 1, 1) * gp.to(acc).unsqueeze(2)
+        grad_noise = grad_preds = grad_w = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dk = D.expand_as(ek)
+            sum_d = dk.sum(1)  # (T, B, *S)
+            if ctx.needs_input_grad[2]:
+                grad_noise = (2 * (e0 * sum_d - (dk * ek).sum(1))).to(noise.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_preds = torch.cat([(-2 * e0 * sum_d).unsqueeze(1), 2 * dk * ek], 1).to(preds.dtype)
+        if ctx.needs_input_grad[4]:
+            gw = torch.zeros(T, B, dtype=acc, device=noise.device)
+            if g1 is not None:
+                gw = gw + (g1.to(acc) * d).sum(1)
+            if g2 is not None:
+                gw = gw + (g2.to(acc) * d * d).sum(1)
+            if gp is not None:
+                gw = gw + (gp.to(acc) * diff.sum(3)).flatten(3).sum(-1).sum(1)
+            grad_w = gw.to(weights.dtype)
+        return None, None, grad_noise, grad_preds, grad_w
+
+
 def lift_partial(noise: torch.Tensor, preds: torch.Tensor, *, weights: torch.Tensor | None = None,
                  pixel_map: bool = False, backend: str = "auto") -> LiftPartial:
     """noise (T, B, *S), preds (T, K+1, B, *S), weights (T,) or (T, B) -> LiftPartial.
@@ -123,10 +190,15 @@ def lift_partial(noise: torch.Tensor, preds: torch.Tensor, *, weights: torch.Ten
     backend: "auto" (triton on CUDA, cpp on CPU), "torch", "cpp" or "triton". The kernels read
     noise and preds[:, 0] once for all K conditions and produce the pixel map in the same pass;
     noise and preds of different float dtypes are promoted to the wider one. NaN/inf in the
-    inputs propagate into the sums (never dropped)."""
+    inputs propagate into the sums (never dropped). Differentiable w.r.t. noise, preds and
+    weights on every backend (one autograd.Function; see the module docstring)."""
     weights = _check(noise, preds, weights, pixel_map)
     impl = _dispatch.resolve("lift_partial", backend, noise.device, IMPLS)
-    sum_wd, sum_wd2, pixel = impl(noise, preds, weights, pixel_map)
+    if torch.is_grad_enabled() and (noise.requires_grad or preds.requires_grad or weights.requires_grad):
+        res = _LiftFn.apply(impl, pixel_map, noise, preds, weights)
+        sum_wd, sum_wd2, pixel = res if pixel_map else (*res, None)
+    else:
+        sum_wd, sum_wd2, pixel = impl(noise, preds, weights, pixel_map)
     acc = sum_wd.dtype
     w = weights.to(acc)
     T = noise.shape[0]

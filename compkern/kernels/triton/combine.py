@@ -43,14 +43,17 @@ def _combine_eps_kernel(preds_ptr, w_ptr, out_ptr, B, N, K, BLOCK: tl.constexpr,
         tl.store(out_ptr + row + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def combine_eps(preds: torch.Tensor, weights: torch.Tensor, *, block: int = 1024) -> torch.Tensor:
-    """preds (K+1, B, *S), weights (K,) or (B, K) -> (B, *S) in preds' dtype. Arguments are
-    checked by compkern.ops.combine; non-contiguous inputs are copied once."""
+def combine_eps(preds: torch.Tensor, weights: torch.Tensor, *, out: torch.Tensor | None = None,
+                block: int = 1024) -> torch.Tensor:
+    """preds (K+1, B, *S), weights (K,) or (B, K) -> (B, *S) in preds' dtype, written into ``out``
+    when given (contiguous, checked by compkern.ops.combine like every argument); non-contiguous
+    inputs are copied once."""
     K, B = preds.shape[0] - 1, preds.shape[1]
     acc = torch.float64 if preds.dtype == torch.float64 else torch.float32
     preds = preds.contiguous()
     w = weights.to(acc).expand(B, K).contiguous()
-    out = torch.empty(preds.shape[1:], dtype=preds.dtype, device=preds.device)
+    if out is None:
+        out = torch.empty(preds.shape[1:], dtype=preds.dtype, device=preds.device)
     N = out.numel() // B if B else 0
     if out.numel() == 0:
         return out
