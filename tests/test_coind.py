@@ -160,7 +160,7 @@ def test_trainer_resume_equals_uninterrupted(tmp_path):
             torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
     assert full.trainer.history == resumed.trainer.history
     assert set(full.trainer.history[-1]) >= {"loss", "diffusion", "ci", "guide_0", "guide_1"}
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="made with other settings"):
         torch.manual_seed(0)
         m = AttributeMLP([2, 2], dim=2, hidden=16, depth=1)
         CoInDTrainer(m, SCHED, data_fn, m.null, tmp_path / "a", lam=2.0, batch=16, ci_batch=4, progress=False)

@@ -101,5 +101,5 @@ def test_trainer_resume_equals_uninterrupted(tmp_path):
     assert t3.step == 6
     t3.fit(10)
     torch.testing.assert_close(net3.weight, net.weight)
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="made with other settings"):
         Trainer(tmp_path / "b", {"net": net3}, opt3, step3, config={"lr": 5}, progress=False)

@@ -111,7 +111,7 @@ def test_train_then_sample_each_class(tmp_path, make):
     assert hist2 == hist
     for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="made with other settings"):
         train_eps_model(make(), x, y, SCHED, tmp_path / "run", steps=300, batch_size=64, lr=5e-3, progress=False)
 
 

@@ -90,7 +90,7 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path):
 def test_refuses_a_folder_of_another_configuration(tmp_path):
     RejectionSampler(tmp_path / "x", _generate, _score, config={"expr": "A AND B"}, batch_size=8,
                      progress=False).run(4)
-    with pytest.raises(ValueError, match=r"another configuration \(differs in \['expr'\]\)"):
+    with pytest.raises(ValueError, match=r"rejection run made with other settings \{'expr'"):
         RejectionSampler(tmp_path / "x", _generate, _score, config={"expr": "A AND NOT B"}, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         RejectionSampler(tmp_path / "x", _generate, _score, config={"expr": "A AND B"}, batch_size=4, progress=False)

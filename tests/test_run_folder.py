@@ -48,3 +48,12 @@ def test_bad_arguments_name_themselves(tmp_path):
         RunFolder(3)
     with pytest.raises(TypeError, match="config"):
         RunFolder(tmp_path, [("a", 1)])
+
+
+def test_all_keys_refuse_a_setting_the_new_config_dropped(tmp_path):
+    from compkern.utils.run_folder import RunFolder
+
+    RunFolder(tmp_path / "r", {"lr": 1e-3, "ema": 0.99})
+    RunFolder(tmp_path / "r", {"lr": 1e-3})  # default: only the new config's keys are compared
+    with pytest.raises(ValueError, match="'ema': \\(0.99, None\\)"):
+        RunFolder(tmp_path / "r2", {"lr": 1e-3, "ema": 0.99}) and RunFolder(tmp_path / "r2", {"lr": 1e-3}, keys="all")

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
+from compkern.utils.checkpoint import load
+from compkern.utils.run_folder import RunFolder
 
 
 @dataclass
@@ -79,27 +80,21 @@ class RejectionSampler:
 
     # -- folder ---------------------------------------------------------------------------------
     def _open(self) -> None:
-        cfg = self.out_dir / "config.json"
-        if cfg.exists():
-            saved = json.loads(cfg.read_text())
-            if saved != self.config:
-                diff = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
-                raise ValueError(f"{self.out_dir} holds a rejection run with another configuration (differs in {diff}); "
-                                 "use a new output folder or the same configuration to resume")
-        state = self.out_dir / "state.json"
-        if state.exists():
-            self.state = json.loads(state.read_text())
+        self.folder = RunFolder(self.out_dir, self.config, keys="all", what="rejection run", write=False)
+        state = self.folder.read_json("state.json")
+        if state is not None:
+            self.state = state
             for s in self.state["shards"]:
                 if not (self.out_dir / s).exists():
                     raise ValueError(f"{self.out_dir}: state.json lists shard {s}, which is missing; the folder is damaged")
 
     def _commit(self, i: int, shard: dict) -> None:
         name = f"shard_{i:06d}.pt"
-        atomic_write_json(self.config, self.out_dir / "config.json")
-        atomic_save(shard, self.out_dir / name)  # first the shard, then the state that lists it
+        self.folder.write_json("config.json", self.config)
+        self.folder.save(name, shard)  # first the shard, then the state that lists it
         st = dict(self.state)
         st["shards"] = [*self.state["shards"], name]
-        atomic_write_json(st, self.out_dir / "state.json")
+        self.folder.write_json("state.json", st)
         self.state = st
 
     # -- run ------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
+from compkern.utils.checkpoint import load
+from compkern.utils.run_folder import RunFolder
 
 def warmup_cosine(step: int, *, lr: float, steps: int, warmup: int | None = None, final: float = 0.1) -> float:
     """Learning rate at ``step``: linear warmup over ``warmup`` steps (default steps // 50), then
@@ -57,12 +58,8 @@ class Trainer:
         return self.out_dir / "checkpoint.pt"
 
     def _resume(self) -> None:
-        cfg_path = self.out_dir / "config.json"
-        if cfg_path.exists():
-            saved = json.loads(cfg_path.read_text())
-            if saved != json.loads(json.dumps(self.config)):
-                raise ValueError(f"{self.out_dir} holds a run with another configuration: {saved} != {self.config}; "
-                                 "use a new output folder")
+        self.folder = RunFolder(self.out_dir, json.loads(json.dumps(self.config)), keys="all", what="training run",
+                                write=False)
         if not self.checkpoint_path.exists():
             return
         state = load(self.checkpoint_path)
@@ -79,15 +76,15 @@ class Trainer:
         self._running, self._n_running = dict(state.get("running", {})), int(state.get("n_running", 0))
 
     def save(self) -> None:
-        atomic_write_json(self.config, self.out_dir / "config.json")
-        atomic_save({"modules": {n: m.state_dict() for n, m in self.modules.items()},
-                     "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                     "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-                     "step": self.step, "history": self.history,
-                     "running": self._running, "n_running": self._n_running},
-                    self.checkpoint_path)
-        atomic_write_json({"step": self.step, "history": self.history}, self.out_dir / "metrics.json")
+        self.folder.write_json("config.json", self.config)
+        state = {"modules": {n: m.state_dict() for n, m in self.modules.items()},
+                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+                 "step": self.step, "history": self.history,
+                 "running": self._running, "n_running": self._n_running}
+        self.folder.save("checkpoint.pt", state)
+        self.folder.write_json("metrics.json", {"step": self.step, "history": self.history})
 
     def fit(self, num_steps: int) -> list[dict[str, float]]:
         """Train until ``num_steps`` total steps (counting resumed ones); returns the history."""

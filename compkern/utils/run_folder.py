@@ -35,12 +35,12 @@ class RunFolder:
     """A resumable job's folder ``path``.
 
     ``config`` (JSON-able dict) is checked against ``path/config_file`` when that exists: any
-    difference in ``keys`` (default: every key of ``config``) raises ValueError naming ``--out``,
+    difference in ``keys`` (default: every key of ``config``; "all": every key of either) raises ValueError naming ``--out``,
     ``what`` and the differences; then (``write``) ``config`` is recorded there atomically.
     ``config=None`` opens the folder without a check (readers such as reports)."""
 
     def __init__(self, path: str | os.PathLike, config: Mapping[str, Any] | None = None, *,
-                 keys: Iterable[str] | None = None, what: str = "run", config_file: str = "config.json",
+                 keys: Iterable[str] | str | None = None, what: str = "run", config_file: str = "config.json",
                  write: bool = True):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -53,6 +53,8 @@ class RunFolder:
         if config is not None:
             stored = self.stored_config()
             if stored is not None:
+                if keys == "all":
+                    keys = sorted(set(stored) | set(self.config))
                 diff = settings_diff(stored, self.config, keys)
                 if diff:
                     raise ValueError(f"--out {self.path} holds a {what} made with other settings {diff} (old, new); "
