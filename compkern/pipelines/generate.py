@@ -269,7 +269,7 @@ def _uses_joint(comp, target: str) -> bool:
 
 def record_every_default(comp, target: str) -> int:
     """Steps between cached trials when not given: 2 where every component is scored against
-    the joint caption (it scored as well on half the steps), else 1 (the noise target lost 6-9
+    the joint caption (it scored as well on half the steps), else 1 (the noise target lost 9-11
     points of NOT precision on half the steps; `compkern main-job`, benchmarks/RESULTS.md)."""
     return 2 if LM.resolve_target(target, comp.expression.required(), comp.K) == "joint" else 1
 
