@@ -67,6 +67,17 @@ def _loop(out, crash_at=None):
     return trainer, net, opt
 
 
+
+def _assert_crash_resumes(run, tmp_path, crash_at: int) -> None:
+    """run(out, crash_at=None) -> (model, history): a run crashed at call ``crash_at`` and resumed
+    ends in the uninterrupted run's state and history."""
+    ref, ref_hist = run(tmp_path / "ref")
+    with pytest.raises(Crash):
+        run(tmp_path / "run", crash_at=crash_at)
+    m, hist = run(tmp_path / "run")
+    assert_same_state(ref, m)
+    assert hist == ref_hist
+
 def test_trainer_resumes_after_a_crash_bit_identical(tmp_path):
     ref, ref_net, ref_opt = _loop(tmp_path / "ref")
     ref.fit(11)
@@ -100,12 +111,7 @@ def test_train_eps_model_resumes_after_a_crash(tmp_path):
             crash_on_call(m, crash_at)
         return m, train_eps_model(m, x, y, sched, out, steps=9, batch_size=8, save_every=4, progress=False)
 
-    ref, ref_hist = run(tmp_path / "ref")
-    with pytest.raises(Crash):
-        run(tmp_path / "run", crash_at=7)  # step 6, after the checkpoint at step 4
-    m, hist = run(tmp_path / "run")
-    assert_same_state(ref, m)
-    assert hist == ref_hist
+    _assert_crash_resumes(run, tmp_path, crash_at=7)  # step 6, after the checkpoint at step 4
 
 
 def test_train_component_denoisers_resumes_after_a_crash_in_forward(tmp_path, monkeypatch):
@@ -189,12 +195,7 @@ def test_position_model_resumes_after_a_crash(tmp_path):
             crash_on_call(m, crash_at)
         return m, train_position_model(m, out, size=8, steps=5, batch_size=2, save_every=2, progress=False)
 
-    ref, ref_hist = run(tmp_path / "ref")
-    with pytest.raises(Crash):
-        run(tmp_path / "run", crash_at=4)  # step 3, after the checkpoint at step 2
-    m, hist = run(tmp_path / "run")
-    assert_same_state(ref, m)
-    assert hist == ref_hist
+    _assert_crash_resumes(run, tmp_path, crash_at=4)  # step 3, after the checkpoint at step 2
 
 
 def test_sepen_finetuner_resumes_after_a_crash(tmp_path):

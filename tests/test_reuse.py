@@ -27,6 +27,18 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+
+def _assert_reused(run, checkpoint, no_training) -> None:
+    """run(seed_init) -> (model, history): the rerun from another init, with training made to
+    fail, loads the finished folder (same weights and history) and leaves its checkpoint alone."""
+    m, hist = run(0)
+    stamp = checkpoint.stat().st_mtime_ns
+    no_training()
+    m2, hist2 = run(1)
+    assert _same(m, m2) and hist2 == hist
+    assert checkpoint.stat().st_mtime_ns == stamp
+
+
 def test_train_eps_model_reuses_a_finished_folder(tmp_path, no_training):
     from compkern.models import NoiseSchedule
     from compkern.models.mlp import ConditionalMLP
@@ -41,12 +53,7 @@ def test_train_eps_model_reuses_a_finished_folder(tmp_path, no_training):
         m = ConditionalMLP(2, dim=2, hidden=8, depth=1, num_steps=20)
         return m, train_eps_model(m, x, y, sched, tmp_path / "run", steps=4, batch_size=8, progress=False)
 
-    m, hist = run(0)
-    stamp = (tmp_path / "run" / "checkpoint.pt").stat().st_mtime_ns
-    no_training()
-    m2, hist2 = run(1)
-    assert _same(m, m2) and hist2 == hist
-    assert (tmp_path / "run" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    _assert_reused(run, tmp_path / "run" / "checkpoint.pt", no_training)
 
 
 def test_position_model_reuses_a_finished_folder(tmp_path, no_training):
@@ -59,12 +66,7 @@ def test_position_model_reuses_a_finished_folder(tmp_path, no_training):
         return m, train_position_model(m, tmp_path / "eps", size=8, steps=2, batch_size=2, save_every=1,
                                        progress=False)
 
-    m, hist = run(0)
-    stamp = (tmp_path / "eps" / "checkpoint.pt").stat().st_mtime_ns
-    no_training()
-    m2, hist2 = run(1)
-    assert _same(m, m2) and hist2 == hist
-    assert (tmp_path / "eps" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    _assert_reused(run, tmp_path / "eps" / "checkpoint.pt", no_training)
 
 
 def test_coind_trainer_reuses_a_finished_folder(tmp_path, no_training):

@@ -41,6 +41,7 @@ method's own generation (with the record when it scores from it) plus its scorin
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -104,6 +105,14 @@ def judge(detector, images: torch.Tensor, objs: list[int], expression) -> tuple[
     return expression.accept(present.float() - 0.5), present
 
 
+@functools.lru_cache(maxsize=None)
+def _composition(expression: str):
+    """parse_composition, once per expression (the report decides every cell for every rule)."""
+    from compkern.pipelines.composition import parse_composition
+
+    return parse_composition(expression)
+
+
 def _public_target(comp) -> str:
     """The public scorer's target: the full prompt (joint) for a pure AND, else the noise (the
     public code defines no target for NOT / OR): lift_maps' 'auto'."""
@@ -112,9 +121,7 @@ def _public_target(comp) -> str:
 
 def _auto_source(cell: dict, method: str) -> tuple[str, str]:
     """(stored maps, target) that an AUTO_METHODS method reads in this cell."""
-    from compkern.pipelines.composition import parse_composition
-
-    target = _public_target(parse_composition(cell["expression"]))
+    target = _public_target(_composition(cell["expression"]))
     j, nz = AUTO_METHODS[method]
     return (j if target == "joint" else nz), target
 
@@ -245,9 +252,7 @@ def run(args: argparse.Namespace) -> int:
 # -- the report ---------------------------------------------------------------------------------
 def _maps(cell: dict, method: str) -> LM.LiftMaps | None:
     """A pixel method's lift maps of a cell (None where the cell has none, e.g. no joint for an OR)."""
-    from compkern.pipelines.composition import parse_composition
-
-    comp = parse_composition(cell["expression"])
+    comp = _composition(cell["expression"])
     one = lambda m, t: LM.LiftMaps(cell["maps"][m].float(), 1, 0, (t,) * cell["K"])  # noqa: E731
     if method in AUTO_METHODS:
         src, target = _auto_source(cell, method)
@@ -279,8 +284,6 @@ def _score(cell: dict, method: str) -> dict:
 def _decide(cell: dict, method: str, rule: tuple[float, ...] | None) -> torch.Tensor:
     """(B,) bool decisions. rule: (threshold, min fraction) for every row, or for a term method
     (joint threshold, joint fraction, noise threshold, noise fraction); None: the library default."""
-    from compkern.pipelines.composition import parse_composition
-
     if method == "none":
         return torch.ones(len(cell["seeds"]), dtype=torch.bool)
     if method in cell["decisions"]:
@@ -292,7 +295,7 @@ def _decide(cell: dict, method: str, rule: tuple[float, ...] | None) -> torch.Te
         thr, frac = ([by[t][i] for t in maps.targets] for i in (0, 1))
     elif rule is not None:
         thr, frac = rule
-    return LM.accept(parse_composition(cell["expression"]), maps, threshold=thr, min_pixels=frac)
+    return LM.accept(_composition(cell["expression"]), maps, threshold=thr, min_pixels=frac)
 
 
 def _stats(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
