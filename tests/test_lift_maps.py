@@ -60,6 +60,16 @@ def test_not_fails_and_passes_at_the_defaults(b_drawn):
     assert bool(accept(comp, maps)[0]) is (not b_drawn)
 
 
+def test_lift_auto_caches_a_pure_and_and_samples_fixed_trials_otherwise():
+    from compkern.pipelines.generate import resolve_lift
+
+    assert resolve_lift(parse_composition("a cat AND a dog"), "auto", "auto") == "cached"  # joint target
+    assert resolve_lift(parse_composition("a cat AND NOT a dog"), "auto", "auto") == "public"  # noise target
+    assert resolve_lift(parse_composition("a cat OR a dog"), "auto", "auto") == "public"
+    assert resolve_lift(parse_composition("a cat AND NOT a dog"), "auto", "joint") == "cached"
+    assert resolve_lift(parse_composition("a cat AND a dog"), "fresh", "auto") == "fresh"
+
+
 def test_record_every_default_follows_the_target():
     from compkern.pipelines.generate import record_every_default
 

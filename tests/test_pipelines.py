@@ -25,7 +25,7 @@ PROMPT = "a black car AND a white clock AND NOT a dog"
 # test_generate_accepts_and_rejects): cached noise target, object rule with threshold 0 and 50 of
 # 64 latent pixels (random weights: the decisions mean nothing, the mechanics are tested).
 GEN = ["--prompt", "a black car AND NOT a dog", "--steps", "3", "--batch-size", "4", "--dtype", "fp32",
-       "--device", "cpu", "--target", "noise", "--threshold", "0", "--min-pixels", "50", "--threads", "1"]
+       "--device", "cpu", "--lift", "cached", "--target", "noise", "--threshold", "0", "--min-pixels", "50", "--threads", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread avoids oversubscription
@@ -301,22 +301,28 @@ def test_object_rule_counts_pixels_against_the_threshold():
     # the default is a share of the image, so a 16 x 16 latent can hold an object
     from compkern.pipelines.lift_maps import DEFAULT_MIN_PIXELS
     small = LiftMaps(torch.zeros(2, 1, 16, 16), 1, 0)
-    assert small.min_count(DEFAULT_MIN_PIXELS) == 24 and LiftMaps(torch.zeros(1, 1, 128, 128), 1, 0).min_count(DEFAULT_MIN_PIXELS) == 1536
+    assert small.min_count(DEFAULT_MIN_PIXELS) == 48 and LiftMaps(torch.zeros(1, 1, 128, 128), 1, 0).min_count(DEFAULT_MIN_PIXELS) == 3072
 
 
 def test_each_row_keeps_the_rule_of_its_target():
-    from compkern.pipelines.lift_maps import DEFAULT_RULES, per_term
+    from compkern.pipelines.lift_maps import DEFAULT_RULES, SAMPLED_NOISE_RULE, default_rule, per_term
 
     comp = parse_composition("a car AND NOT a dog")
     pix = torch.zeros(2, 1, 16, 16)
-    pix[0, 0, :2] = 0.01  # car: 32 pixels at 0.01 (present by the joint rule: > 0 on 24 pixels)
-    pix[1, 0, :3] = 5e-4  # dog: 48 pixels at 5e-4: present at threshold 0, absent at the noise rule's 1e-3
-    assert DEFAULT_RULES["noise"][0] > 5e-4 and DEFAULT_RULES["joint"][0] < 5e-4
+    pix[0, 0, :4] = 0.01  # car: 64 pixels at 0.01 (present by the joint rule: > 5e-5 on 48 pixels)
+    pix[1, 0, :3] = 7e-4  # dog: 48 pixels at 7e-4: present by the joint rule, absent at cached noise's 1e-3
+    assert DEFAULT_RULES["noise"][0] > 7e-4 > SAMPLED_NOISE_RULE[0] > DEFAULT_RULES["joint"][0]
+    assert default_rule("noise", "sampled") == SAMPLED_NOISE_RULE and default_rule("joint", "sampled") == DEFAULT_RULES["joint"]
     joint_only = LiftMaps(pix, 1, 0, ("joint", "joint"))
-    assert not bool(accept(comp, joint_only)[0])  # the dog counts at threshold 0
+    assert not bool(accept(comp, joint_only)[0])  # the dog counts at 5e-5
     term = per_term(joint_only, LiftMaps(pix, 1, 0, ("noise", "noise")), [0])
     assert term.targets == ("joint", "noise") and bool(accept(comp, term)[0])
-    assert term.counts().tolist() == [[32], [0]] and term.counts(0.0).tolist() == [[32], [48]]
+    # the same noise maps from sampled trials: their rule (5e-4 on 3/16 = 48 pixels) sees the dog
+    sampled = per_term(joint_only, LiftMaps(pix, 1, 0, ("noise", "noise"), "sampled"), [0])
+    assert sampled.source == "sampled" and not bool(accept(comp, sampled)[0])
+    with pytest.raises(ValueError, match="source"):
+        LiftMaps(pix, 1, 0, ("noise", "noise"), "fresh")
+    assert term.counts().tolist() == [[64], [0]] and term.counts(0.0).tolist() == [[64], [48]]
     # one number overrides every row, K numbers set each row
     assert not bool(accept(comp, term, threshold=0.0)[0])
     assert bool(accept(comp, term, threshold=[0.0, 1e-3], min_pixels=[24, 0.5])[0])
@@ -423,7 +429,7 @@ def test_generate_accepts_and_rejects_then_resumes(sd_path, tmp_path):
 
 def test_generate_with_fresh_adaptive_trials(sd_path, tmp_path):
     out = tmp_path / "fresh"
-    args = [a for a in GEN if a not in ("--threshold", "0", "--min-pixels", "50")]
+    args = [a for a in GEN if a not in ("--threshold", "0", "--min-pixels", "50", "--lift", "cached")]
     assert _run(["--model", str(sd_path), "--out", str(out), "--n", "2", "--max-attempts", "4", "--lift", "fresh",
                  "--rule", "mean", "--trials", "8", "--save-rejected", *args]) == 0
     m = json.loads((out / "manifest.json").read_text())

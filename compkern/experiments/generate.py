@@ -15,7 +15,7 @@ import json
 from compkern.experiments._args import add_progress, add_sample_steps, set_threads
 from compkern.pipelines import lift_maps as LM
 from compkern.pipelines.composition import GENERATE_MODES
-from compkern.pipelines.generate import GenerateOptions, generate
+from compkern.pipelines.generate import LIFTS, GenerateOptions, generate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate", default="joint", choices=list(GENERATE_MODES),
                    help="joint: guidance on the joint caption of the required components (\"a cat and a dog\"), the "
                         "other components composed; composed: Composable Diffusion over every component")
-    p.add_argument("--lift", default="cached", choices=["cached", "fresh", "public", "none"],
-                   help="cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
+    p.add_argument("--lift", default="auto", choices=list(LIFTS),
+                   help="auto (default): cached for a pure AND (target joint), public with --trials otherwise; "
+                        "cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
                         "on the final latents (noise target); public: CompLift's public scorer, --trials evenly spaced "
                         "fresh trials with a fixed noise bank; none: accept everything")
     p.add_argument("--target", default="auto", choices=list(LM.TARGETS),
@@ -53,12 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cached: keep every k-th sampling step as a trial (the component rows are evaluated only "
                         "there); default 2 where the target is the joint caption (as good as every step in "
                         "`compkern main-job`), else 1 (the noise target needs every step)")
-    rules = ", ".join(f"{t} {r[0]:g}" for t, r in LM.DEFAULT_RULES.items())
-    p.add_argument("--threshold", type=float, default=None, help=f"pixel lift threshold (default per target: {rules})")
-    rules = ", ".join(f"{t} {r[1]:g}" for t, r in LM.DEFAULT_RULES.items())
+    rules = {t: LM.default_rule(t, "cached") for t in LM.DEFAULT_RULES} | {"noise on fresh/public trials": LM.SAMPLED_NOISE_RULE}
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"pixel lift threshold (default per target: {', '.join(f'{t} {r[0]:g}' for t, r in rules.items())})")
     p.add_argument("--min-pixels", type=float, default=None,
                    help="latent pixels above threshold for a component to count as present (below 1: a fraction; "
-                        f"default per target: {rules})")
+                        f"default per target: {', '.join(f'{t} {r[1]:g}' for t, r in rules.items())})")
     p.add_argument("--trials", type=int, default=50,
                    help="fresh / public trials per image (fresh with --rule mean: the most the adaptive estimator may spend)")
     p.add_argument("--rule", default="pixels", choices=["pixels", "mean"], help="object rule, or the mean-lift sign")

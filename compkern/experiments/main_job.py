@@ -20,8 +20,10 @@ other terms composed; OR: composed), every method scoring the same candidates:
 - public: CompLift's public text-to-image scorer made faithful: 200 evenly spaced fresh trials
   with one noise bank, the full prompt (joint caption) as target for AND prompts (the noise
   elsewhere: the public code defines no target for NOT / OR), one image at a time;
-- cached-auto: the default of `compkern generate` (target 'auto': the joint caption for a pure
-  AND, scored on every other step; the noise elsewhere, scored on every step);
+- default: the default of `compkern generate` (``--lift auto``: the joint caption for a pure AND,
+  cached from every other step; the noise elsewhere, on 50 fixed evenly spaced trials);
+- fixed-50: the public scorer's trials at 50 instead of 200, every image of a cell in one batch;
+- cached-auto: target 'auto' on cached trials only (the noise scored on every step);
 - cached-term / cached-joint / cached-noise / cached-composed: the sampling run's own steps,
   targets of ``cached_lift_maps`` (term: joint for the required components, noise for the
   others, each with its own rule; composed: the old default, for comparison); *-every2:
@@ -58,13 +60,16 @@ from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
 
 SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
-METHODS = ("none", "public", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
+METHODS = ("none", "public", "default", "fixed-50", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
            "cached-noise-every2", "cached-composed", "fresh-32", "fresh-adaptive")
-PIXEL_METHODS = ("public", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
+PIXEL_METHODS = ("public", "default", "fixed-50", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
                  "cached-noise-every2", "cached-composed", "fresh-32", "reference")
 # the 'term' target (lift_maps.per_term) from a cell's stored maps: (joint maps, noise maps)
-# the default of `compkern generate` (target 'auto', record_every_default): (its joint maps, its noise maps)
-AUTO_METHODS = {"cached-auto": ("cached-joint-every2", "cached-noise")}
+# target 'auto' (lift_maps.resolve_target): (its maps for a pure AND, its maps otherwise); 'default'
+# is `compkern generate`'s (--lift auto: cached joint every other step / 50 fixed trials, noise)
+AUTO_METHODS = {"default": ("cached-joint-every2", "fixed-50"), "cached-auto": ("cached-joint-every2", "cached-noise")}
+# maps drawn on trials of their own (x_t from q(x_t | x_0)), not the sampling run's steps
+SAMPLED_METHODS = ("public", "fixed-50", "fresh-32", "fresh-adaptive", "reference")
 TERM_METHODS = {"cached-term": ("cached-joint", "cached-noise"),
                 "cached-term-every2": ("cached-joint-every2", "cached-noise-every2")}
 THRESHOLDS = (0.0, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -184,6 +189,9 @@ def run_cell(pipe, detector, expression_text: str, objs: list[int], cfg: dict) -
                                        target=p_target, joint_row=comp.joint_row if p_target == "joint" else None))
     put("public", LM.LiftMaps(torch.cat([m.pixel_lift for m in ones], 1), ones[0].n_trials,
                               sum(m.n_evals for m in ones)), time.perf_counter() - t0, "plain")
+    maps, wall = _timed(lambda: LM.fixed_lift_maps(pipe, x0, emb_pub, signs, n_trials=50, seed=0, target=p_target,
+                                                   joint_row=comp.joint_row if p_target == "joint" else None))
+    put("fixed-50", maps, wall, "plain")
     emb = pipe.encode(comp.condition_prompts(with_joint=False))
     maps, wall = _timed(lambda: LM.fresh_lift_maps(pipe, x0, emb, n_trials=32, seed=cfg["seed"] + 1))
     put("fresh-32", maps, wall, "plain")
@@ -253,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
 def _maps(cell: dict, method: str) -> LM.LiftMaps | None:
     """A pixel method's lift maps of a cell (None where the cell has none, e.g. no joint for an OR)."""
     comp = _composition(cell["expression"])
-    one = lambda m, t: LM.LiftMaps(cell["maps"][m].float(), 1, 0, (t,) * cell["K"])  # noqa: E731
+    one = lambda m, t: LM.LiftMaps(cell["maps"][m].float(), 1, 0, (t,) * cell["K"],  # noqa: E731
+                                   "sampled" if m in SAMPLED_METHODS else "cached")
     if method in AUTO_METHODS:
         src, target = _auto_source(cell, method)
         return one(src, target) if src in cell["maps"] else None
@@ -404,7 +413,7 @@ def report(out: Path, rules_from: Path | None = None) -> str:
                      f"{_f(r['agreement_with_reference'])} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    if "cached-auto" in present:
+    if "default" in present:
         grid(cells, None, out / "grid.png")
     return table
 
@@ -419,7 +428,7 @@ def _f(x: float, fmt: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def grid(cells: list[dict], rule: tuple[float, ...] | None, path: Path, method: str = "cached-auto",
+def grid(cells: list[dict], rule: tuple[float, ...] | None, path: Path, method: str = "default",
          per_suite: int = 4) -> None:
     """A PNG: per suite, candidates with the method's verdict (green accepted / red rejected), the
     detector's truth, and each component's lift map below the image."""

@@ -8,11 +8,11 @@ process or under ``torchrun --nproc-per-node N``: the library behind `compkern g
 Work is cut into batches of ``batch_size`` images; image i has seed ``seed + i`` and batch j
 holds images [j * batch_size, (j + 1) * batch_size). Each batch is generated (one batched UNet
 call per step for all condition rows: by default guidance on the joint caption, the other terms
-composed), scored (``score``: by default CompLift lift maps cached from the sampling run's own
-steps against the 'auto' target, ``lift_maps.resolve_target``: the joint caption's prediction
-for a pure AND, scored on every other step, the noise for anything with a NOT / OR term, scored
-on every step, each with its pixel rule, ``lift_maps.DEFAULT_RULES``: the settings `compkern
-main-job` measured best) and accepted or rejected, then committed as one
+composed), scored (``score``: by default, ``--lift auto``, CompLift lift maps against the 'auto'
+target, ``lift_maps.resolve_target``: for a pure AND the joint caption's prediction, cached from
+every other sampling step (no extra trial); for anything with a NOT / OR term the noise, on 50
+fixed evenly spaced trials (``resolve_lift``); each with its pixel rule, ``lift_maps.default_rule``:
+the settings `compkern main-job` measured best) and accepted or rejected, then committed as one
 atomic shard ``shards/batch-JJJJJJ.pt`` (``run_batch``; accepted images and their lift-map
 overlays are written first). The folder is a ``compkern.utils.run_folder.RunFolder``: a rerun
 with the same settings skips committed batches, so an interrupted run resumes where it stopped;
@@ -63,7 +63,7 @@ class GenerateOptions:
     height: int | None = None
     width: int | None = None
     generate: str = "joint"
-    lift: str = "cached"
+    lift: str = "auto"
     target: str = "auto"
     record_every: int | None = None  # None: record_every_default
     threshold: float | None = None
@@ -179,7 +179,9 @@ def generate(args: GenerateOptions) -> dict | None:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.record_every is not None and args.record_every < 1:
         raise ValueError(f"--record-every must be >= 1, got {args.record_every}")
-    if args.trials < 1 and args.lift in ("fresh", "public"):
+    if args.lift not in LIFTS:
+        raise ValueError(f"--lift must be one of {LIFTS}, got {args.lift!r}")
+    if args.trials < 1 and args.lift in ("auto", "fresh", "public"):
         raise ValueError(f"--trials must be >= 1 with --lift {args.lift}, got {args.trials}")
     model = Path(args.model)
     if not (model / "unet").is_dir():
@@ -191,7 +193,7 @@ def generate(args: GenerateOptions) -> dict | None:
     out = Path(args.out)
     try:
         comp = parse_composition(args.prompt)
-        if args.target == "joint" and args.lift in ("cached", "public") and comp.joint is None:
+        if args.target == "joint" and args.lift in ("auto", "cached", "public") and comp.joint is None:
             raise ValueError(f"--target joint: {args.prompt!r} has no component every accepted image needs (a pure OR "
                              "or NOT), so no joint caption; use --target noise")
         cfg = {k: getattr(args, k) for k in _FROZEN if k not in ("model", "dtype")}
@@ -237,19 +239,20 @@ def score(pipe, comp, res, args, *, seed: int) -> tuple[LM.LiftMaps | None, torc
     """Lift maps of a generated batch ``res`` (CompositionOutput) by ``args.lift`` / ``args.target``
     and the (B,) bool decisions of ``args.rule``; (None, all True) for --lift none."""
     B = res.latents.shape[0]
-    if args.lift == "none":
+    lift = resolve_lift(comp, args.lift, args.target)
+    if lift == "none":
         return None, torch.ones(B, dtype=torch.bool)
     signs = torch.tensor(comp.signs)
     uses_joint = _uses_joint(comp, args.target)
     joint_row = comp.joint_row if uses_joint else None
     required = comp.expression.required()
-    if args.lift == "cached":
+    if lift == "cached":
         maps = LM.cached_lift_maps(res.record, signs, target=args.target, joint_row=joint_row, required=required,
                                    latents=res.latents, schedule=pipe.schedule)
-    elif args.lift == "public":
+    elif lift == "public":  # one noise bank for every image (seeded by --seed), as the public code
         emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=uses_joint),
                           height=args.height, width=args.width)
-        maps = LM.fixed_lift_maps(pipe, res.latents, emb, signs, n_trials=args.trials, seed=seed, target=args.target,
+        maps = LM.fixed_lift_maps(pipe, res.latents, emb, signs, n_trials=args.trials, seed=args.seed, target=args.target,
                                   joint_row=joint_row, required=required, chunk_size=pipe.last_chunk_size)
     else:
         emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=False), height=args.height,
@@ -259,6 +262,19 @@ def score(pipe, comp, res, args, *, seed: int) -> tuple[LM.LiftMaps | None, torc
                                   chunk_size=pipe.last_chunk_size)
     ok = LM.accept(comp, maps, threshold=args.threshold, min_pixels=args.min_pixels, rule=args.rule).cpu()
     return maps, ok
+
+
+LIFTS = ("auto", "cached", "public", "fresh", "none")
+
+
+def resolve_lift(comp, lift: str, target: str) -> str:
+    """'auto' -> 'cached' where ``target`` resolves to the joint caption (a pure AND: its cached
+    trials, every other step, scored as well as 200 fresh ones), else 'public' (--trials fixed,
+    evenly spaced trials: on NOT the cached noise trials were 5-15 points less precise in
+    `compkern main-job`); any other value is returned as it is."""
+    if lift != "auto":
+        return lift
+    return "cached" if LM.resolve_target(target, comp.expression.required(), comp.K) == "joint" else "public"
 
 
 def _uses_joint(comp, target: str) -> bool:
@@ -281,10 +297,11 @@ def run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
     B = args.batch_size
     indices = list(range(j * B, (j + 1) * B))
     seeds = [args.seed + i for i in indices]
+    cached = resolve_lift(comp, args.lift, args.target) == "cached"
     res = pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                negative_prompt=args.negative_prompt, eta=args.eta, generate=args.generate,
-               record_joint=(args.lift == "cached" and _uses_joint(comp, args.target)) or None, height=args.height, width=args.width,
-               chunk_size=args.chunk_size, record=args.lift == "cached",
+               record_joint=(cached and _uses_joint(comp, args.target)) or None, height=args.height, width=args.width,
+               chunk_size=args.chunk_size, record=cached,
                record_every=args.record_every or record_every_default(comp, args.target),
                output_type="latent")
     maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
@@ -304,7 +321,7 @@ def run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
         rec["image"] = f"images/{rec['index']:06d}.png"
         img.save(out / rec["image"])
         if maps is not None and not args.no_overlays:
-            sub = LM.LiftMaps(maps.pixel_lift[:, b:b + 1], maps.n_trials, 0, maps.targets)
+            sub = LM.LiftMaps(maps.pixel_lift[:, b:b + 1], maps.n_trials, 0, maps.targets, maps.source)
             names = LM.save_overlays([img], sub, out / "maps", [f"{rec['index']:06d}"])[0]
             rec["maps"] = [f"maps/{f}" for f in names]
     RunFolder(out).save(_shard_path(out, j).relative_to(out), {"batch": j, "rank": rank, "records": records,

@@ -7,8 +7,10 @@ Lift of component k at latent pixel (i, j), averaged over trials and latent chan
 The target T of a trial:
 - 'auto' (the default, ``resolve_target``): 'joint' for a pure AND of two or more components,
   the one case where CompLift's public code defines a target (its full prompt); 'noise', CompLift's
-  own estimand, for everything else (a NOT or OR term, a single prompt). Measured best on
-  `compkern main-job` over three seed sets (benchmarks/RESULTS.md).
+  own estimand, for everything else (a NOT or OR term, a single prompt). `compkern generate`
+  scores 'joint' on cached trials (every other recorded step) and 'noise' on 50 fixed, evenly
+  spaced trials (``fixed_lift_maps``; cached noise trials were 5-15 points less precise on NOT).
+  Measured on `compkern main-job` over several seed sets (benchmarks/RESULTS.md).
 - 'term': per component: 'joint' for the required components (``Expr.required``), 'noise' for
   the others. Measured and not the default: on "A AND B AND NOT C" the joint target calls B
   present where it is not drawn (the joint prediction follows the caption, not the image), and
@@ -29,10 +31,9 @@ Object rule (the CompLift text-to-image code): component k is present in an imag
 ``min_pixels`` latent pixels have L_k > ``threshold``; the expression then combines the
 per-component decisions (AND: all present, NOT: absent). ``min_pixels`` below 1 is a fraction of
 the latent pixels, so that the rule means the same share of the image at every size. The
-defaults per target (``DEFAULT_RULES``; joint: threshold 0, the sign of the pixel lift, on 3/32
-of the image; noise: 1e-3 on 1/8) were chosen with `compkern main-job` on a trained world; the
-public code swept threshold in {0, 9e-5, ..., 1e-3} and the pixel count, and shows SDXL samples
-at 2e-4 and 300 of 128 x 128 pixels.
+defaults (``default_rule``: per target, and for the noise per trial source) were chosen with
+`compkern main-job` on a trained world; the public code swept threshold in {0, 9e-5, ..., 1e-3}
+and the pixel count, and shows SDXL samples at 2e-4 and 300 of 128 x 128 pixels.
 """
 from __future__ import annotations
 
@@ -47,15 +48,31 @@ import torch
 from compkern.ops import combine_eps, lift_partial
 from compkern.samplers.composed import StepRecord
 
-# The default object rule of each target, (threshold, min_pixels). Joint (and composed): a pixel
-# counts where its lift is positive (CompLift's sign criterion, free of the model's units) on at
-# least 3/32 of the latent. Noise: the true-noise lift is noisier per pixel (its cross term
-# 2 eps.(eps_k - eps_0) averages out only over many trials), so a pixel needs 1e-3 and a component
-# 1/8 of the latent. Both chosen on the calibration seeds of `compkern main-job` (the shapes world;
-# benchmarks/RESULTS.md), held on seeds no rule was chosen on. The public code's SDXL plot
-# setting was 2e-4 and 300 / (128 x 128).
-DEFAULT_RULES = {"joint": (0.0, 3 / 32), "composed": (0.0, 3 / 32), "noise": (1e-3, 1 / 8)}
+# The default object rule, (threshold, min_pixels), of each target and trial source. A pixel
+# counts where its lift exceeds the threshold; a component is present on at least min_pixels of
+# the latent. Joint: just above the sign of the pixel lift (CompLift's criterion, free of the
+# model's units) on 3/16 of the latent: the precision-oriented point of the joint maps' precision /
+# recall curve, the one at the public scorer's recall (seed sets A-C of `compkern main-job`).
+# Noise on cached trials: 1e-3 on 1/8 (the true-noise lift is noisier per pixel: its cross term
+# 2 eps.(eps_k - eps_0) averages out only over many trials). Noise on sampled trials (x_t drawn from
+# q(x_t | x_0): fixed evenly spaced or fresh uniform t): 5e-4 on 3/16, the best F1 of the public
+# scorer and of fresh trials alike. Chosen on the calibration seeds of `compkern main-job` (the
+# shapes world; benchmarks/RESULTS.md), held on seeds no rule was chosen on. The public code's SDXL
+# plot setting was 2e-4 and 300 / (128 x 128).
+DEFAULT_RULES = {"joint": (5e-5, 3 / 16), "composed": (0.0, 3 / 32), "noise": (1e-3, 1 / 8)}
+SAMPLED_NOISE_RULE = (5e-4, 3 / 16)
 DEFAULT_THRESHOLD, DEFAULT_MIN_PIXELS = DEFAULT_RULES["joint"]
+SOURCES = ("cached", "sampled")
+
+
+def default_rule(target: str, source: str = "cached") -> tuple[float, float]:
+    """(threshold, min_pixels) by default for maps of ``target`` from trials of ``source``
+    ('cached': the sampling run's own steps; 'sampled': fresh or fixed trials)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    return SAMPLED_NOISE_RULE if (target, source) == ("noise", "sampled") else DEFAULT_RULES[target]
+
+
 TARGETS = ("auto", "term", "joint", "noise", "composed")
 
 
@@ -77,12 +94,14 @@ class LiftMaps:
     """pixel_lift (K, B, h, w) fp32: lift per latent pixel (mean over trials and channels);
     lift (K, B): its spatial mean; n_trials; n_evals: UNet rows spent on scoring (0 when cached);
     targets (K,): the target each component's row was scored against (None: unknown, the joint
-    rule is the default)."""
+    rule is the default); source: 'cached' (the sampling run's steps) or 'sampled' (fresh or
+    fixed trials): with targets it picks each row's default rule (``default_rule``)."""
 
     pixel_lift: torch.Tensor
     n_trials: int
     n_evals: int
     targets: tuple[str, ...] | None = None
+    source: str = "cached"
 
     def __post_init__(self):
         if self.targets is not None:
@@ -90,12 +109,14 @@ class LiftMaps:
             if len(self.targets) != self.pixel_lift.shape[0] or not set(self.targets) <= set(DEFAULT_RULES):
                 raise ValueError(f"targets must name one of {tuple(DEFAULT_RULES)} per component "
                                  f"(K = {self.pixel_lift.shape[0]}), got {self.targets}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
 
     def _per_component(self, value, which: int, name: str) -> list[float]:
         """value: None (each row's target default), one number for every row, or K numbers."""
         K = self.pixel_lift.shape[0]
         if value is None:
-            return [DEFAULT_RULES[t][which] for t in (self.targets or ("joint",) * K)]
+            return [default_rule(t, self.source)[which] for t in (self.targets or ("joint",) * K)]
         if isinstance(value, (int, float)):
             return [float(value)] * K
         value = [float(v) for v in value]
@@ -131,7 +152,7 @@ class LiftMaps:
                min_pixels: float | Sequence[float] | None = None) -> torch.Tensor:
         """(K, B) fp32, positive exactly where component k is present (count >= min_count): the
         per-component input of ``Composition.accept``. Each argument: one number for every row,
-        K numbers, or None for each row's target default (``DEFAULT_RULES``)."""
+        K numbers, or None for each row's default (``default_rule`` of its target and source)."""
         need = torch.tensor([self.min_count(m) - 0.5 for m in self._per_component(min_pixels, 1, "min_pixels")],
                             device=self.pixel_lift.device)
         return self.counts(threshold).float() - need[:, None]
@@ -149,7 +170,8 @@ def per_term(joint: LiftMaps | None, noise: LiftMaps, required: Sequence[int]) -
         raise ValueError("required components need joint maps of the same shape as the noise maps")
     rows = [joint.pixel_lift[k] if k in req else noise.pixel_lift[k] for k in range(K)]
     return LiftMaps(torch.stack(rows), max(noise.n_trials, joint.n_trials if joint else 0),
-                    max(noise.n_evals, joint.n_evals if joint else 0), tuple("joint" if k in req else "noise" for k in range(K)))
+                    max(noise.n_evals, joint.n_evals if joint else 0), tuple("joint" if k in req else "noise" for k in range(K)),
+                    noise.source)
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
@@ -249,7 +271,7 @@ def fresh_lift_maps(pipe, latents: torch.Tensor, embeddings, *, n_trials: int = 
                         generator=torch.Generator().manual_seed(int(seed)), **options)
     pix = res.pixel_lift.float() / latents.shape[1]
     _check_finite("pixel lift", pix)
-    return LiftMaps(pix, int(res.n_trials.max()), int(res.n_evals), ("noise",) * K)
+    return LiftMaps(pix, int(res.n_trials.max()), int(res.n_evals), ("noise",) * K, "sampled")
 
 
 def evenly_spaced_trials(num_steps: int, n_trials: int, shape: tuple[int, ...], *, seed: int = 0
@@ -302,14 +324,14 @@ def fixed_lift_maps(pipe, latents: torch.Tensor, embeddings, signs: torch.Tensor
     for name, part in total.items():
         pix = part.pixel_mean.float() / S[0]
         _check_finite("pixel lift", pix)
-        maps[name] = LiftMaps(pix, n_trials, rows, (name,) * K)
+        maps[name] = LiftMaps(pix, n_trials, rows, (name,) * K, "sampled")
     return per_term(maps.get("joint"), maps["noise"], required) if target == "term" else maps[target]
 
 
 def accept(composition, maps: LiftMaps, *, threshold: float | Sequence[float] | None = None,
            min_pixels: float | Sequence[float] | None = None, rule: str = "pixels") -> torch.Tensor:
     """(B,) bool. rule='pixels': the object rule (count of pixels above threshold vs min_pixels;
-    each None: the default of each row's target, ``DEFAULT_RULES``); rule='mean': the sign of the
+    each None: each row's default, ``default_rule``); rule='mean': the sign of the
     image-mean lift (CompLift's rule for 2-D / CLEVR)."""
     if rule == "pixels":
         scores = maps.scores(threshold, min_pixels)
