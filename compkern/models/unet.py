@@ -20,6 +20,7 @@ CompVis/stable-diffusion-v1-4 --local-dir sd14`` on a machine with internet, the
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +107,9 @@ class SDComponents:
             if not os.path.isdir(os.path.join(path, sub)):
                 raise ValueError(f"{path!r} has no {sub}/ subfolder (expected the Stable Diffusion 1.x layout)")
         dt = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, **dt)
+        # without accelerate, diffusers falls back to a plain load and warns each time: ask for it
+        quiet = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, **dt, **quiet)
         try:  # the scheduler's class is irrelevant here: only betas and prediction_type are used
             scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
         except Exception:  # noqa: BLE001 - fall back to whatever class the config names
@@ -117,7 +120,7 @@ class SDComponents:
             parts.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
             parts.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True, **dt)
         if with_vae:
-            parts.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, **dt)
+            parts.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, **dt, **quiet)
         for m in (parts.unet, parts.text_encoder, parts.vae):
             if m is not None:
                 m.to(device).requires_grad_(False).eval()
