@@ -270,8 +270,8 @@ LIFTS = ("auto", "cached", "public", "fresh", "none")
 def resolve_lift(comp, lift: str, target: str) -> str:
     """'auto' -> 'cached' where ``target`` resolves to the joint caption (a pure AND: its cached
     trials, every other step, scored as well as 200 fresh ones), else 'public' (--trials fixed,
-    evenly spaced trials: on NOT the cached noise trials were 5-15 points less precise in
-    `compkern main-job`); any other value is returned as it is."""
+    evenly spaced trials: on NOT the cached noise trials were 3-16 points less precise on
+    a held-out seed set of `compkern main-job`); any other value is returned as it is."""
     if lift != "auto":
         return lift
     return "cached" if LM.resolve_target(target, comp.expression.required(), comp.K) == "joint" else "public"

@@ -9,7 +9,8 @@ The target T of a trial:
   the one case where CompLift's public code defines a target (its full prompt); 'noise', CompLift's
   own estimand, for everything else (a NOT or OR term, a single prompt). `compkern generate`
   scores 'joint' on cached trials (every other recorded step) and 'noise' on 50 fixed, evenly
-  spaced trials (``fixed_lift_maps``; cached noise trials were 5-15 points less precise on NOT).
+  spaced trials (``fixed_lift_maps``; cached noise trials were 3-16 points less precise on the
+  NOT suites of a held-out seed set).
   Measured on `compkern main-job` over several seed sets (benchmarks/RESULTS.md).
 - 'term': per component: 'joint' for the required components (``Expr.required``), 'noise' for
   the others. Measured and not the default: on "A AND B AND NOT C" the joint target calls B
