@@ -16,7 +16,7 @@ from compkern.samplers.composed import StepRecord
     ("a cat AND a dog AND a bird", "joint"),
     ("a cat", "noise"),  # its joint would be the component itself: a lift that cannot fail
     ("a cat AND NOT a dog", "noise"),
-    ("a cat AND a dog AND NOT a bird", "noise"),
+    ("a cat AND a dog AND NOT a bird", "joint"),  # two required: every term against "a cat and a dog"
     ("a cat OR a dog", "noise"),
     ("a cat AND (a dog OR a bird)", "noise"),
 ])
@@ -66,6 +66,7 @@ def test_lift_auto_caches_a_pure_and_and_samples_fixed_trials_otherwise():
     assert resolve_lift(parse_composition("a cat AND a dog"), "auto", "auto") == "cached"  # joint target
     assert resolve_lift(parse_composition("a cat AND NOT a dog"), "auto", "auto") == "public"  # noise target
     assert resolve_lift(parse_composition("a cat OR a dog"), "auto", "auto") == "public"
+    assert resolve_lift(parse_composition("a cat AND a dog AND NOT a bird"), "auto", "auto") == "cached"
     assert resolve_lift(parse_composition("a cat AND NOT a dog"), "auto", "joint") == "cached"
     assert resolve_lift(parse_composition("a cat AND a dog"), "fresh", "auto") == "fresh"
 

@@ -20,7 +20,7 @@ other terms composed; OR: composed), every method scoring the same candidates:
 - public: CompLift's public text-to-image scorer made faithful: 200 evenly spaced fresh trials
   with one noise bank, the full prompt (joint caption) as target for AND prompts (the noise
   elsewhere: the public code defines no target for NOT / OR), one image at a time;
-- default: the default of `compkern generate` (``--lift auto``: the joint caption for a pure AND,
+- default: the default of `compkern generate` (``--lift auto``: the joint caption where two or more components are required,
   cached from every other step; the noise elsewhere, on 50 fixed evenly spaced trials);
 - fixed-50: the public scorer's trials at 50 instead of 200, every image of a cell in one batch;
 - cached-auto: target 'auto' on cached trials only (the noise scored on every step);
@@ -65,7 +65,7 @@ METHODS = ("none", "public", "default", "fixed-50", "cached-auto", "cached-term"
 PIXEL_METHODS = ("public", "default", "fixed-50", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
                  "cached-noise-every2", "cached-composed", "fresh-32", "reference")
 # the 'term' target (lift_maps.per_term) from a cell's stored maps: (joint maps, noise maps)
-# target 'auto' (lift_maps.resolve_target): (its maps for a pure AND, its maps otherwise); 'default'
+# target 'auto' (lift_maps.resolve_target): (its maps for a joint target, its maps otherwise); 'default'
 # is `compkern generate`'s (--lift auto: cached joint every other step / 50 fixed trials, noise)
 AUTO_METHODS = {"default": ("cached-joint-every2", "fixed-50"), "cached-auto": ("cached-joint-every2", "cached-noise")}
 # maps drawn on trials of their own (x_t from q(x_t | x_0)), not the sampling run's steps
@@ -120,13 +120,15 @@ def _composition(expression: str):
 
 def _public_target(comp) -> str:
     """The public scorer's target: the full prompt (joint) for a pure AND, else the noise (the
-    public code defines no target for NOT / OR): lift_maps' 'auto'."""
-    return LM.resolve_target("auto", comp.expression.required(), comp.K)
+    public code defines no target for NOT / OR)."""
+    pure_and = comp.K >= 2 and set(comp.expression.required()) == set(range(comp.K))
+    return "joint" if pure_and else "noise"
 
 
 def _auto_source(cell: dict, method: str) -> tuple[str, str]:
     """(stored maps, target) that an AUTO_METHODS method reads in this cell."""
-    target = _public_target(_composition(cell["expression"]))
+    comp = _composition(cell["expression"])
+    target = LM.resolve_target("auto", comp.expression.required(), comp.K)
     j, nz = AUTO_METHODS[method]
     return (j if target == "joint" else nz), target
 
