@@ -16,7 +16,7 @@ from compkern.samplers.composed import StepRecord
     ("a cat AND a dog AND a bird", "joint"),
     ("a cat", "noise"),  # its joint would be the component itself: a lift that cannot fail
     ("a cat AND NOT a dog", "noise"),
-    ("a cat AND a dog AND NOT a bird", "joint"),  # two required: every term against "a cat and a dog"
+    ("a cat AND a dog AND NOT a bird", "noise"),  # "a cat and a dog" cannot see the bird (test below)
     ("a cat OR a dog", "noise"),
     ("a cat AND (a dog OR a bird)", "noise"),
 ])
@@ -66,7 +66,7 @@ def test_lift_auto_caches_a_pure_and_and_samples_fixed_trials_otherwise():
     assert resolve_lift(parse_composition("a cat AND a dog"), "auto", "auto") == "cached"  # joint target
     assert resolve_lift(parse_composition("a cat AND NOT a dog"), "auto", "auto") == "public"  # noise target
     assert resolve_lift(parse_composition("a cat OR a dog"), "auto", "auto") == "public"
-    assert resolve_lift(parse_composition("a cat AND a dog AND NOT a bird"), "auto", "auto") == "cached"
+    assert resolve_lift(parse_composition("a cat AND a dog AND NOT a bird"), "auto", "auto") == "public"
     assert resolve_lift(parse_composition("a cat AND NOT a dog"), "auto", "joint") == "cached"
     assert resolve_lift(parse_composition("a cat AND a dog"), "fresh", "auto") == "fresh"
 
@@ -77,3 +77,38 @@ def test_record_every_default_follows_the_target():
     assert record_every_default(parse_composition("a cat AND a dog"), "auto") == 2  # joint: half the steps do
     assert record_every_default(parse_composition("a cat AND NOT a dog"), "auto") == 1  # noise: every step
     assert record_every_default(parse_composition("a cat AND NOT a dog"), "joint") == 2
+
+
+def _record3(c_drawn: bool, *, seed: int = 0) -> tuple[StepRecord, torch.Tensor, NoiseSchedule]:
+    """A's signal in columns 0-3, B's in 4-7, C's in 8-11 when ``c_drawn`` (else its prediction is
+    the null's). Rows: [null, A, B, C, joint "A and B"]: the joint caption explains A and B only."""
+    sched = NoiseSchedule.cosine(1000)
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = 1, 4, 12, 12
+    x0 = torch.randn(B, C, H, W, generator=g)
+    cols = torch.arange(W).view(1, 1, 1, W)
+    region = [(cols >= 4 * k) & (cols < 4 * k + 4) for k in range(3)]
+    rec = StepRecord()
+    for t in range(950, 0, -50):
+        noise = torch.randn(B, C, H, W, generator=g)
+        e0 = noise + torch.randn(B, C, H, W, generator=g)
+        eA, eB = (torch.where(r, noise, e0) for r in region[:2])
+        eC = torch.where(region[2], noise, e0) if c_drawn else e0
+        rec.x_t.append(sched.add_noise(x0, noise, torch.full((B,), t)))
+        rec.t.append(torch.full((B,), t))
+        rec.preds.append(torch.stack([e0, eA, eB, eC, torch.where(region[0] | region[1], noise, e0)]))
+    return rec, x0, sched
+
+
+@pytest.mark.parametrize("c_drawn", [True, False])
+def test_a_and_b_and_not_c_fails_where_c_is_drawn_at_the_defaults(c_drawn):
+    """The default target of a three-term NOT must see C: the joint caption "A and B" does not
+    explain C, so C's lift against it is <= 0 wherever C is drawn (a NOT that could never fail)."""
+    comp = parse_composition("a A AND a B AND NOT a C")
+    rec, x0, sched = _record3(c_drawn)
+    maps = cached_lift_maps(rec, torch.tensor(comp.signs), required=comp.expression.required(), latents=x0,
+                            schedule=sched, joint_row=4)
+    assert maps.targets == ("noise",) * 3 and bool(accept(comp, maps)[0]) is (not c_drawn)
+    # the joint caption as target for every term would accept NOT C with C drawn
+    joint = cached_lift_maps(rec, torch.tensor(comp.signs), target="joint", joint_row=4)
+    assert bool(accept(comp, joint)[0])

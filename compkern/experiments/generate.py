@@ -40,13 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="joint: guidance on the joint caption of the required components (\"a cat and a dog\"), the "
                         "other components composed; composed: Composable Diffusion over every component")
     p.add_argument("--lift", default="auto", choices=list(LIFTS),
-                   help="auto (default): cached where the target is the joint caption (two or more required components), public with --trials otherwise; "
+                   help="auto (default): cached where the target is the joint caption (a pure AND), public with "
+                        "--trials otherwise; "
                         "cached: the sampling run's predictions (no extra UNet row); fresh: compkern.lift.estimate_lift "
                         "on the final latents (noise target); public: CompLift's public scorer, --trials evenly spaced "
                         "fresh trials with a fixed noise bank; none: accept everything")
     p.add_argument("--target", default="auto", choices=list(LM.TARGETS),
-                   help="target of cached / public trials: auto (default: joint where two or more components are required, "
-                        "noise otherwise), term (joint for the components every accepted image needs, "
+                   help="target of cached / public trials: auto (default: joint for a pure AND of two or more "
+                        "components, noise otherwise), term (joint for the components every accepted image needs, "
                         "noise for NOT / OR terms), the joint caption's prediction (recorded as one more condition "
                         "row), the noise (recovered from x_t and the final latents), or the composed prediction "
                         "(comparison only: NOT can never fail)")

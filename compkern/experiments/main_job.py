@@ -20,7 +20,7 @@ other terms composed; OR: composed), every method scoring the same candidates:
 - public: CompLift's public text-to-image scorer made faithful: 200 evenly spaced fresh trials
   with one noise bank, the full prompt (joint caption) as target for AND prompts (the noise
   elsewhere: the public code defines no target for NOT / OR), one image at a time;
-- default: the default of `compkern generate` (``--lift auto``: the joint caption where two or more components are required,
+- default: the default of `compkern generate` (``--lift auto``: the joint caption for a pure AND,
   cached from every other step; the noise elsewhere, on 50 fixed evenly spaced trials);
 - fixed-50: the public scorer's trials at 50 instead of 200, every image of a cell in one batch;
 - cached-auto: target 'auto' on cached trials only (the noise scored on every step);
@@ -120,15 +120,13 @@ def _composition(expression: str):
 
 def _public_target(comp) -> str:
     """The public scorer's target: the full prompt (joint) for a pure AND, else the noise (the
-    public code defines no target for NOT / OR)."""
-    pure_and = comp.K >= 2 and set(comp.expression.required()) == set(range(comp.K))
-    return "joint" if pure_and else "noise"
+    public code defines no target for NOT / OR): lift_maps' 'auto'."""
+    return LM.resolve_target("auto", comp.expression.required(), comp.K)
 
 
 def _auto_source(cell: dict, method: str) -> tuple[str, str]:
     """(stored maps, target) that an AUTO_METHODS method reads in this cell."""
-    comp = _composition(cell["expression"])
-    target = LM.resolve_target("auto", comp.expression.required(), comp.K)
+    target = _public_target(_composition(cell["expression"]))
     j, nz = AUTO_METHODS[method]
     return (j if target == "joint" else nz), target
 

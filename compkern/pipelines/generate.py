@@ -9,9 +9,9 @@ Work is cut into batches of ``batch_size`` images; image i has seed ``seed + i``
 holds images [j * batch_size, (j + 1) * batch_size). Each batch is generated (one batched UNet
 call per step for all condition rows: by default guidance on the joint caption, the other terms
 composed), scored (``score``: by default, ``--lift auto``, CompLift lift maps against the 'auto'
-target, ``lift_maps.resolve_target``: where two or more components are required the joint caption's prediction, cached from
-every other sampling step (no extra trial); otherwise (one required component, OR terms) the noise, on 50
-fixed evenly spaced trials (``resolve_lift``); each with its pixel rule, ``lift_maps.default_rule``:
+target, ``lift_maps.resolve_target``: for a pure AND the joint caption's prediction, cached
+from every other sampling step (no extra trial); for anything with a NOT / OR term the noise,
+on 50 fixed evenly spaced trials (``resolve_lift``); each with its pixel rule, ``lift_maps.default_rule``:
 the settings `compkern main-job` measured best) and accepted or rejected, then committed as one
 atomic shard ``shards/batch-JJJJJJ.pt`` (``run_batch``; accepted images and their lift-map
 overlays are written first). The folder is a ``compkern.utils.run_folder.RunFolder``: a rerun
@@ -268,7 +268,7 @@ LIFTS = ("auto", "cached", "public", "fresh", "none")
 
 
 def resolve_lift(comp, lift: str, target: str) -> str:
-    """'auto' -> 'cached' where ``target`` resolves to the joint caption (two or more required components: its cached
+    """'auto' -> 'cached' where ``target`` resolves to the joint caption (a pure AND: its cached
     trials, every other step, scored as well as 200 fresh ones), else 'public' (--trials fixed,
     evenly spaced trials: on NOT the cached noise trials were 3-16 points less precise on
     a held-out seed set of `compkern main-job`); any other value is returned as it is."""

@@ -5,10 +5,9 @@ Lift of component k at latent pixel (i, j), averaged over trials and latent chan
     L_k(i, j) = mean_{t, c} [ (T - eps(x_t, c_0))^2 - (T - eps(x_t, c_k))^2 ](c, i, j)
 
 The target T of a trial:
-- 'auto' (the default, ``resolve_target``): 'joint' where two or more components are required
-  (a pure AND, the one case where CompLift's public code defines a target, its full prompt; and an
-  AND with NOT terms, every term against the required components' caption); 'noise', CompLift's
-  own estimand, for everything else (one required component, OR terms, a single prompt).
+- 'auto' (the default, ``resolve_target``): 'joint' for a pure AND of two or more components,
+  the one case where CompLift's public code defines a target (its full prompt); 'noise', CompLift's
+  own estimand, for everything else (a NOT or OR term, a single prompt).
   `compkern generate` scores 'joint' on cached trials (every other recorded step) and 'noise' on
   50 fixed, evenly spaced trials (``fixed_lift_maps``; cached noise trials were 3-16 points less
   precise on the NOT suites of a held-out seed set). Measured on `compkern main-job` over several
@@ -79,17 +78,18 @@ TARGETS = ("auto", "term", "joint", "noise", "composed")
 
 
 def resolve_target(target: str, required: Sequence[int] | None, K: int) -> str:
-    """'auto' -> 'joint' when two or more components are required (a pure AND, the public code's
-    full prompt, or an AND with NOT terms: "A AND B AND NOT C" scored every term against the
-    caption "A and B", measured best on two held-out seed sets), else 'noise'; any other target is
-    returned as it is. A single required component's joint caption is the component itself, whose
-    lift against itself, |eps_k - eps_0|^2, is never negative: it could not fail."""
+    """'auto' -> 'joint' when every one of K >= 2 components is required (a pure AND: its joint
+    caption is a row of its own), else 'noise'; any other target is returned as it is. Not the
+    joint caption for an AND with NOT terms: "A and B" does not explain C, so C's lift against it
+    is <= 0 wherever C is drawn and NOT C could never fail (tests/test_lift_maps.py). A single
+    component's joint caption is the component itself, whose lift against itself,
+    |eps_k - eps_0|^2, is never negative: it could not fail either."""
     if target != "auto":
         return target
     if required is None:
         raise ValueError("target='auto' needs required, the components every accepted image holds "
                          "(Composition.expression.required())")
-    return "joint" if K >= 2 and len(set(int(k) for k in required)) >= 2 else "noise"
+    return "joint" if K >= 2 and set(int(k) for k in required) == set(range(K)) else "noise"
 
 
 @dataclass
