@@ -112,3 +112,38 @@ def test_a_and_b_and_not_c_fails_where_c_is_drawn_at_the_defaults(c_drawn):
     # the joint caption as target for every term would accept NOT C with C drawn
     joint = cached_lift_maps(rec, torch.tensor(comp.signs), target="joint", joint_row=4)
     assert bool(accept(comp, joint)[0])
+
+
+class _KnownPipe:
+    """A stand-in pipeline whose predictions are known: it recovers the true noise of x_t from
+    the clean image x0 and predicts it exactly where a row's object is drawn (its region), the
+    null's prediction (noise + a fixed offset field) elsewhere. Rows: [null, one per region]."""
+
+    def __init__(self, x0, regions):
+        self.schedule, self.x0, self.regions = NoiseSchedule.cosine(1000), x0, regions
+        self.offset = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(1))
+
+    def predict(self, x_t, t, embeddings, chunk_size=None):
+        ab = self.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        x0 = self.x0.repeat(x_t.shape[0] // self.x0.shape[0], 1, 1, 1)
+        noise = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        e0 = noise + self.offset
+        return torch.stack([e0] + [torch.where(r, noise, e0) for r in self.regions])
+
+
+@pytest.mark.parametrize("c_drawn", [True, False])
+def test_fixed_trials_decide_a_three_term_not_at_the_defaults(c_drawn):
+    """--lift auto's path for NOT expressions (50 fixed trials, noise target, the sampled-noise
+    rule) on predictions whose answer is known: A and B drawn, C drawn or not."""
+    from compkern.pipelines.lift_maps import fixed_lift_maps
+
+    comp = parse_composition("a A AND a B AND NOT a C")
+    cols = torch.arange(12).view(1, 1, 12)
+    regions = [(cols >= 4 * k) & (cols < 4 * k + 4) for k in range(3)]
+    if not c_drawn:
+        regions[2] = torch.zeros_like(regions[2])
+    x0 = torch.randn(2, 4, 12, 12, generator=torch.Generator().manual_seed(0))
+    maps = fixed_lift_maps(_KnownPipe(x0, regions), x0, [None] * 4, torch.tensor(comp.signs), n_trials=50,
+                           required=comp.expression.required())
+    assert maps.targets == ("noise",) * 3 and maps.source == "sampled"
+    assert accept(comp, maps).tolist() == [not c_drawn] * 2
