@@ -133,9 +133,9 @@ class _KnownPipe:
 
 @pytest.mark.parametrize("c_drawn", [True, False])
 def test_fixed_trials_decide_a_three_term_not_at_the_defaults(c_drawn):
-    """--lift auto's path for NOT expressions (50 fixed trials, noise target, the sampled-noise
+    """--lift auto's path for NOT expressions (FIXED_TRIALS fixed trials, noise target, the sampled-noise
     rule) on predictions whose answer is known: A and B drawn, C drawn or not."""
-    from compkern.pipelines.lift_maps import fixed_lift_maps
+    from compkern.pipelines.lift_maps import FIXED_TRIALS, fixed_lift_maps
 
     comp = parse_composition("a A AND a B AND NOT a C")
     cols = torch.arange(12).view(1, 1, 12)
@@ -143,7 +143,7 @@ def test_fixed_trials_decide_a_three_term_not_at_the_defaults(c_drawn):
     if not c_drawn:
         regions[2] = torch.zeros_like(regions[2])
     x0 = torch.randn(2, 4, 12, 12, generator=torch.Generator().manual_seed(0))
-    maps = fixed_lift_maps(_KnownPipe(x0, regions), x0, [None] * 4, torch.tensor(comp.signs), n_trials=50,
+    maps = fixed_lift_maps(_KnownPipe(x0, regions), x0, [None] * 4, torch.tensor(comp.signs), n_trials=FIXED_TRIALS,
                            required=comp.expression.required())
     assert maps.targets == ("noise",) * 3 and maps.source == "sampled"
     assert accept(comp, maps).tolist() == [not c_drawn] * 2

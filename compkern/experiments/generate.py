@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-pixels", type=float, default=None,
                    help="latent pixels above threshold for a component to count as present (below 1: a fraction; "
                         f"default per target: {', '.join(f'{t} {r[1]:g}' for t, r in rules.items())})")
-    p.add_argument("--trials", type=int, default=50,
+    p.add_argument("--trials", type=int, default=LM.FIXED_TRIALS,
                    help="fresh / public trials per image (fresh with --rule mean: the most the adaptive estimator may spend)")
     p.add_argument("--rule", default="pixels", choices=["pixels", "mean"], help="object rule, or the mean-lift sign")
     p.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",

@@ -21,8 +21,10 @@ other terms composed; OR: composed), every method scoring the same candidates:
   with one noise bank, the full prompt (joint caption) as target for AND prompts (the noise
   elsewhere: the public code defines no target for NOT / OR), one image at a time;
 - default: the default of `compkern generate` (``--lift auto``: the joint caption for a pure AND,
-  cached from every other step; the noise elsewhere, on 50 fixed evenly spaced trials);
-- fixed-50: the public scorer's trials at 50 instead of 200, every image of a cell in one batch;
+  cached from every other step; the noise elsewhere, on ``lift_maps.FIXED_TRIALS`` (100) fixed
+  evenly spaced trials);
+- fixed-50 / fixed-100: the public scorer's trials at 50 / 100 instead of 200, every image of a
+  cell in one batch;
 - cached-auto: target 'auto' on cached trials only (the noise scored on every step);
 - cached-term / cached-joint / cached-noise / cached-composed: the sampling run's own steps,
   targets of ``cached_lift_maps`` (term: joint for the required components, noise for the
@@ -60,16 +62,16 @@ from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
 
 SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
-METHODS = ("none", "public", "default", "fixed-50", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
+METHODS = ("none", "public", "default", "fixed-50", "fixed-100", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
            "cached-noise-every2", "cached-composed", "fresh-32", "fresh-adaptive")
-PIXEL_METHODS = ("public", "default", "fixed-50", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
+PIXEL_METHODS = ("public", "default", "fixed-50", "fixed-100", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
                  "cached-noise-every2", "cached-composed", "fresh-32", "reference")
 # the 'term' target (lift_maps.per_term) from a cell's stored maps: (joint maps, noise maps)
 # target 'auto' (lift_maps.resolve_target): (its maps for a joint target, its maps otherwise); 'default'
-# is `compkern generate`'s (--lift auto: cached joint every other step / 50 fixed trials, noise)
-AUTO_METHODS = {"default": ("cached-joint-every2", "fixed-50"), "cached-auto": ("cached-joint-every2", "cached-noise")}
+# is `compkern generate`'s (--lift auto: cached joint every other step / FIXED_TRIALS fixed trials, noise)
+AUTO_METHODS = {"default": ("cached-joint-every2", f"fixed-{LM.FIXED_TRIALS}"), "cached-auto": ("cached-joint-every2", "cached-noise")}
 # maps drawn on trials of their own (x_t from q(x_t | x_0)), not the sampling run's steps
-SAMPLED_METHODS = ("public", "fixed-50", "fresh-32", "fresh-adaptive", "reference")
+SAMPLED_METHODS = ("public", "fixed-50", "fixed-100", "fresh-32", "fresh-adaptive", "reference")
 TERM_METHODS = {"cached-term": ("cached-joint", "cached-noise"),
                 "cached-term-every2": ("cached-joint-every2", "cached-noise-every2")}
 THRESHOLDS = (0.0, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -189,9 +191,10 @@ def run_cell(pipe, detector, expression_text: str, objs: list[int], cfg: dict) -
                                        target=p_target, joint_row=comp.joint_row if p_target == "joint" else None))
     put("public", LM.LiftMaps(torch.cat([m.pixel_lift for m in ones], 1), ones[0].n_trials,
                               sum(m.n_evals for m in ones)), time.perf_counter() - t0, "plain")
-    maps, wall = _timed(lambda: LM.fixed_lift_maps(pipe, x0, emb_pub, signs, n_trials=50, seed=0, target=p_target,
-                                                   joint_row=comp.joint_row if p_target == "joint" else None))
-    put("fixed-50", maps, wall, "plain")
+    for trials in (50, 100):
+        maps, wall = _timed(lambda: LM.fixed_lift_maps(pipe, x0, emb_pub, signs, n_trials=trials, seed=0, target=p_target,
+                                                       joint_row=comp.joint_row if p_target == "joint" else None))
+        put(f"fixed-{trials}", maps, wall, "plain")
     emb = pipe.encode(comp.condition_prompts(with_joint=False))
     maps, wall = _timed(lambda: LM.fresh_lift_maps(pipe, x0, emb, n_trials=32, seed=cfg["seed"] + 1))
     put("fresh-32", maps, wall, "plain")

@@ -11,7 +11,7 @@ call per step for all condition rows: by default guidance on the joint caption, 
 composed), scored (``score``: by default, ``--lift auto``, CompLift lift maps against the 'auto'
 target, ``lift_maps.resolve_target``: for a pure AND the joint caption's prediction, cached
 from every other sampling step (no extra trial); for anything with a NOT / OR term the noise,
-on 50 fixed evenly spaced trials (``resolve_lift``); each with its pixel rule, ``lift_maps.default_rule``:
+on ``FIXED_TRIALS`` (100) fixed evenly spaced trials (``resolve_lift``); each with its pixel rule, ``lift_maps.default_rule``:
 the settings `compkern main-job` measured best) and accepted or rejected, then committed as one
 atomic shard ``shards/batch-JJJJJJ.pt`` (``run_batch``; accepted images and their lift-map
 overlays are written first). The folder is a ``compkern.utils.run_folder.RunFolder``: a rerun
@@ -68,7 +68,7 @@ class GenerateOptions:
     record_every: int | None = None  # None: record_every_default
     threshold: float | None = None
     min_pixels: float | None = None
-    trials: int = 50
+    trials: int = LM.FIXED_TRIALS
     rule: str = "pixels"
     chunk_size: int | str = "auto"
     max_attempts: int | None = None
@@ -270,8 +270,9 @@ LIFTS = ("auto", "cached", "public", "fresh", "none")
 def resolve_lift(comp, lift: str, target: str) -> str:
     """'auto' -> 'cached' where ``target`` resolves to the joint caption (a pure AND: its cached
     trials, every other step, scored as well as 200 fresh ones), else 'public' (--trials fixed,
-    evenly spaced trials: on NOT the cached noise trials were 3-16 points less precise on
-    a held-out seed set of `compkern main-job`); any other value is returned as it is."""
+    evenly spaced trials, ``lift_maps.FIXED_TRIALS`` by default: on NOT the cached noise trials were
+    3-16 points less precise on a held-out seed set of `compkern main-job`); any other value is
+    returned as it is."""
     if lift != "auto":
         return lift
     return "cached" if LM.resolve_target(target, comp.expression.required(), comp.K) == "joint" else "public"

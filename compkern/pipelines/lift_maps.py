@@ -9,8 +9,9 @@ The target T of a trial:
   the one case where CompLift's public code defines a target (its full prompt); 'noise', CompLift's
   own estimand, for everything else (a NOT or OR term, a single prompt).
   `compkern generate` scores 'joint' on cached trials (every other recorded step) and 'noise' on
-  50 fixed, evenly spaced trials (``fixed_lift_maps``; cached noise trials were 3-16 points less
-  precise on the NOT suites of a held-out seed set). Measured on `compkern main-job` over several
+  ``FIXED_TRIALS`` fixed, evenly spaced trials (``fixed_lift_maps``; cached noise trials were 3-16
+  points less precise on the NOT suites of a held-out seed set; 50 trials fell 3-14 points short of
+  the public scorer's 200 on A AND B AND NOT C, where 100 matched it). Measured on `compkern main-job` over several
   seed sets (benchmarks/RESULTS.md).
 - 'term': per component: 'joint' for the required components (``Expr.required``), 'noise' for
   the others. Measured and not the default: on "A AND B AND NOT C" the joint target calls B
@@ -62,6 +63,8 @@ from compkern.samplers.composed import StepRecord
 # plot setting was 2e-4 and 300 / (128 x 128).
 DEFAULT_RULES = {"joint": (5e-5, 3 / 16), "composed": (0.0, 3 / 32), "noise": (1e-3, 1 / 8)}
 SAMPLED_NOISE_RULE = (5e-4, 3 / 16)
+# fixed trials per image of `compkern generate --lift auto` wherever the target is the noise
+FIXED_TRIALS = 100
 DEFAULT_THRESHOLD, DEFAULT_MIN_PIXELS = DEFAULT_RULES["joint"]
 SOURCES = ("cached", "sampled")
 
