@@ -123,3 +123,25 @@ def test_required_components_are_what_every_satisfying_assignment_needs():
         assert set(e.required()) <= set(brute), src
         if src != "(A OR B) AND (A OR NOT B)":
             assert e.required() == brute, src
+
+
+@pytest.mark.parametrize("source", ["A AND B", "A OR B", "A AND NOT B", "NOT (A OR B) AND C", "(A AND B) OR (C AND NOT A)"])
+def test_margin_has_the_sign_of_accept_and_its_distance(source):
+    """margin > 0 exactly where accept is True, on fresh random scores of every sign."""
+    e = parse(source)
+    scores = torch.randn(e.num_components, 500, generator=torch.Generator().manual_seed(1))
+    m = e.margin(scores)
+    assert m.shape == (500,)
+    assert torch.equal(m > 0, e.accept(scores))
+    # min / max / negation are 1-Lipschitz: moving every score by less than |margin| flips nothing
+    shift = 0.99 * m.abs()[None] * torch.sign(torch.randn(scores.shape, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(e.accept(scores + shift), e.accept(scores))
+
+
+def test_margin_by_hand_and_bad_input():
+    e = parse("A AND NOT B")
+    assert e.margin(torch.tensor([[3.0, 1.0], [-2.0, 4.0]])).tolist() == [2.0, -4.0]
+    with pytest.raises(ValueError, match="shape"):
+        e.margin(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        e.margin(torch.tensor([[float("nan")], [1.0]]))

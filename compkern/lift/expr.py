@@ -105,6 +105,16 @@ class Expr:
         pos = lift > 0
         return _eval3(self._node, pos, ~pos)[0]
 
+    def margin(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (K, B), positive where component k holds -> (B,) fp32: the expression's value as
+        a number, positive exactly where ``accept(scores)`` is True (for scores that are never 0):
+        a component's score, its negation under NOT, the minimum over an AND, the maximum over an OR.
+        How far a candidate is from flipping its decision, in the scores' units."""
+        self._check(scores, "scores")
+        if not torch.isfinite(scores).all():
+            raise ValueError("scores hold NaN or inf")
+        return _margin(self._node, scores.float())
+
     def _check(self, x: torch.Tensor, name: str) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != len(self.names):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -125,6 +135,16 @@ def _eval3(node, pos, neg):
     if op == "and":
         return ts.all(0), fs.any(0)
     return ts.any(0), fs.all(0)  # or
+
+
+def _margin(node, scores):
+    op = node[0]
+    if op == "atom":
+        return scores[node[1]]
+    if op == "not":
+        return -_margin(node[1], scores)
+    parts = torch.stack([_margin(c, scores) for c in node[1]])
+    return parts.amin(0) if op == "and" else parts.amax(0)
 
 
 def _required(node) -> set[int]:
