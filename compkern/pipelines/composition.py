@@ -222,6 +222,50 @@ class CompositionOutput:
     seeds: list[int] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)  # the condition rows (row 0 the base)
     generate: str = "composed"
+    # early rejection (``early_reject=``): alive (B,) bool, the images sampled to the end (latents of
+    # the others: where they stopped; record: the alive ones only, in order); stopped (B,) int64,
+    # the steps each ran; margins (n_checks, B) fp32, the partial margins (NaN where not reached)
+    alive: torch.Tensor | None = None
+    stopped: torch.Tensor | None = None
+    margins: torch.Tensor | None = None
+
+
+class _EarlyStop:
+    """ddim_sample's on_step for early rejection: at each check, the partial margins of the images
+    still running, the rule's verdict, and the bookkeeping of who stopped where."""
+
+    def __init__(self, rule, comp, eps_fn, x_T, schedule, weights, record_every, clip_x0, num_steps):
+        self.rule, self.comp, self.eps_fn, self.num_steps = rule, comp, eps_fn, num_steps
+        self.kw = dict(record_every=record_every, schedule=schedule, weights=weights, clip_x0=clip_x0)
+        B = x_T.shape[0]
+        self.latents = x_T.clone().float()  # where each image stopped (the alive ones filled at the end)
+        self.alive = torch.ones(B, dtype=torch.bool)
+        self.stopped = torch.full((B,), num_steps, dtype=torch.long)
+        self.margins = torch.full((len(rule.checks), B), float("nan"))
+
+    def __call__(self, s: int, x: torch.Tensor) -> torch.Tensor | None:
+        if s not in self.rule.checks:
+            return None
+        from compkern.pipelines.early_reject import partial_margins
+
+        i = self.rule.checks.index(s)
+        idx = self.alive.nonzero().flatten()
+        m = partial_margins(self.comp, self.eps_fn.record, (s,), **self.kw)[0].cpu()
+        self.margins[i, idx] = m
+        keep = self.rule.keep(i, m)
+        gone = idx[~keep]
+        self.latents[gone.to(x.device)] = x[~keep.to(x.device)].float()
+        self.stopped[gone] = s
+        self.alive[gone] = False
+        if not bool(keep.all()):
+            self.eps_fn.select(keep)
+        return keep
+
+    def finish(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 (alive, *S) of the images sampled to the end -> latents (B, *S) of every image."""
+        out = self.latents.to(x0.device)
+        out[self.alive.to(x0.device)] = x0.float()
+        return out
 
 
 class CompositionPipeline:
@@ -350,7 +394,8 @@ class CompositionPipeline:
                  generate: str = "joint", record_joint: bool | None = None, clip_x0: float | str | None = "auto",
                  height: int | None = None, width: int | None = None, chunk_size: int | str | None = None,
                  record: bool = True, record_every: int = 1, output_type: str = "pil",
-                 latents: torch.Tensor | None = None, progress: bool = False) -> CompositionOutput:
+                 latents: torch.Tensor | None = None, progress: bool = False,
+                 early_reject=None) -> CompositionOutput:
         """Generate len(seeds) images of the composed prompt.
 
         generate: 'joint' (default; classifier-free guidance on the joint caption of the required
@@ -362,7 +407,9 @@ class CompositionPipeline:
         pixel-space model without a VAE, off for latents). record_every: with ``record``, keep every
         k-th step (all rows evaluated there, the steps between evaluate only the rows generation
         weighs). ``chunk_size`` caps the UNet rows per call (None: all rows at once; "auto": start
-        there and halve on out-of-memory)."""
+        there and halve on out-of-memory). early_reject: an ``early_reject.EarlyRejectRule``; at each
+        of its checks the images whose partial margin is below its threshold stop (``alive``); without
+        ``record`` the steps up to the last check are recorded for it (and nothing after)."""
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if generate not in GENERATE_MODES:
@@ -389,11 +436,20 @@ class CompositionPipeline:
                                  f"({x_T.shape[0]}), got {len(gens)}")
             ids = torch.arange(len(emb), device=self.device)[:, None].expand(len(emb), x_T.shape[0])
             rows = ids.numel() if rows is None else rows
-            eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=rows, record=record,
-                                 record_every=record_every)
+            until = None
+            if early_reject is not None:
+                from compkern.pipelines.early_reject import check_checks
+
+                check_checks(early_reject.checks, num_inference_steps)
+                until = None if record else early_reject.checks[-1]
+            eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=rows,
+                                 record=record or early_reject is not None, record_every=record_every, record_until=until)
+            stop = None if early_reject is None else _EarlyStop(early_reject, comp, eps_fn, x_T, self.schedule, weights,
+                                                                record_every, clip_x0, num_inference_steps)
             try:
                 x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
-                                 progress=progress, generator=gens if eta > 0 else None)
+                                 progress=progress, generator=gens if eta > 0 else None,
+                                 on_step=None if stop is None else stop)
                 break
             except torch.OutOfMemoryError:
                 if chunk_size != "auto" or rows == 1:
@@ -403,8 +459,13 @@ class CompositionPipeline:
                     torch.cuda.empty_cache()
                 rows = max(1, rows // 2)  # "auto": halve the rows per UNet call and start the batch again
         self.last_chunk_size = rows
+        extra = {}
+        if stop is not None:
+            x0 = stop.finish(x0)
+            extra = dict(alive=stop.alive, stopped=stop.stopped, margins=stop.margins)
         images = None if output_type == "latent" else self.decode(x0, output_type=output_type)
-        return CompositionOutput(images, x0, eps_fn.record, eps_fn.n_evals, comp, weights, seeds, emb.prompts, generate)
+        return CompositionOutput(images, x0, eps_fn.record if record else None, eps_fn.n_evals,
+                                 comp, weights, seeds, emb.prompts, generate, **extra)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: PromptEmbeddings, *,
                 chunk_size: int | None = None) -> torch.Tensor:

@@ -38,7 +38,7 @@ class ComposedEps:
     and the weighted rows (rows kept for scoring cost 1/k as much)."""
 
     def __init__(self, model: EpsModel, conds: Any, weights: torch.Tensor, *, chunk_size: int | None = None,
-                 record: bool = False, record_every: int = 1, backend: str = "auto",
+                 record: bool = False, record_every: int = 1, record_until: int | None = None, backend: str = "auto",
                  output_to_eps: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         if int(record_every) < 1:
             raise ValueError(f"record_every must be >= 1, got {record_every}")
@@ -47,6 +47,7 @@ class ComposedEps:
         self.output_to_eps = output_to_eps  # e.g. schedule.v_to_eps for v-prediction models
         self.record = StepRecord() if record else None
         self.record_every = int(record_every)
+        self.record_until = record_until  # calls after which nothing more is recorded (None: all)
         self.n_evals = 0  # model rows evaluated
         self.n_calls = 0
         w = self.weights.reshape(-1, self.weights.shape[-1])
@@ -62,7 +63,8 @@ class ComposedEps:
         return preds
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        keep = self.record is not None and self.n_calls % self.record_every == 0
+        keep = self.record is not None and self.n_calls % self.record_every == 0 and \
+            (self.record_until is None or self.n_calls < self.record_until)
         self.n_calls += 1
         used = self._used
         if keep or len(used) == self.weights.shape[-1] + 1:  # every row: no selection copy
@@ -78,3 +80,18 @@ class ComposedEps:
             preds = self._evaluate(x_t, t, conds)
             weights = self.weights[..., used[1:] - 1]
         return combine_eps(preds, weights.to(preds.device), backend=self.backend)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Narrow every per-sample state to the samples of the (B,) bool mask ``keep`` (early
+        rejection): the condition ids (R, B), per-sample weights (B, K) and the record."""
+        if isinstance(self.conds, torch.Tensor) and self.conds.dim() == 2:
+            self.conds = self.conds[:, keep.to(self.conds.device)]
+        elif not isinstance(self.conds, torch.Tensor):
+            raise TypeError("select needs the condition ids as an (R, B) tensor")
+        if self.weights.dim() == 2:
+            self.weights = self.weights[keep.to(self.weights.device)]
+        if self.record is not None:
+            r = self.record
+            r.x_t = [x[keep.to(x.device)] for x in r.x_t]
+            r.t = [t[keep.to(t.device)] for t in r.t]
+            r.preds = [p[:, keep.to(p.device)] for p in r.preds]

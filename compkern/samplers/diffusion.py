@@ -28,11 +28,14 @@ def randn_like_rows(x: torch.Tensor, generator: Generators) -> torch.Tensor:
 
 def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, num_steps: int = 50,
                 eta: float = 0.0, clip_x0: float | None = None, generator: Generators = None,
-                progress: bool = False) -> torch.Tensor:
-    """x_T (B, *S) standard normal -> x_0 (B, *S). eps_fn(x_t, t (B,) int64) -> eps (B, *S).
+                progress: bool = False, on_step: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
+                ) -> torch.Tensor:
+    """x_T (B, *S) standard normal -> x_0 (B', *S). eps_fn(x_t, t (B,) int64) -> eps (B, *S).
     ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0] at each step; ``generator``: one,
     or a list of B (see ``randn_like_rows``). NaN or inf eps raises FloatingPointError naming the
-    step."""
+    step. ``on_step(s, x)`` runs after s steps; it may return a (B,) bool mask of the samples that
+    go on (early rejection): the others leave the batch (their generators too; the caller
+    narrows eps_fn's own per-sample state), so B' <= B rows come back."""
     if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
         raise TypeError("x_T must be a tensor (B, *S)")
     if eta < 0:
@@ -42,9 +45,10 @@ def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, nu
     abar = schedule.alphas_cumprod
     ts = schedule.timesteps(num_steps)
     x = x_T
-    B = x.shape[0]
     for i, t in enumerate(tqdm(ts.tolist(), desc="sampling", disable=not progress, leave=False)):
-        t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
+        if x.shape[0] == 0:
+            break
+        t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps = eps_fn(x, t_vec).to(x.dtype)
         if not bool(torch.isfinite(eps).all()):  # one check per step
             raise FloatingPointError(f"ddim_sample: the eps model returned NaN or inf at step {i} of {len(ts)} "
@@ -52,6 +56,13 @@ def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, nu
         a_t = float(abar[t])
         a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         x = ddim_step(x, eps, a_t, a_prev, eta=eta, clip_x0=clip_x0, generator=generator)
+        keep = on_step(i + 1, x) if on_step is not None else None
+        if keep is not None and not bool(keep.all()):
+            if keep.shape != (x.shape[0],) or keep.dtype != torch.bool:
+                raise ValueError(f"on_step must return a ({x.shape[0]},) bool mask or None, got {tuple(keep.shape)} {keep.dtype}")
+            x = x[keep.to(x.device)]
+            if generator is not None and not isinstance(generator, torch.Generator):
+                generator = [g for g, k in zip(generator, keep.tolist()) if k]
     return x
 
 
