@@ -19,6 +19,7 @@ from compkern.pipelines import CompositionPipeline, LiftMaps, accept, cached_lif
 from compkern.experiments import generate as gen
 from compkern.pipelines.lift_maps import overlay, save_overlays
 from compkern.pipelines.tiny import save_tiny_pipeline
+from compkern.utils.checkpoint import load
 
 PROMPT = "a black car AND a white clock AND NOT a dog"
 # Settings under which the tiny random SD model accepts some images and rejects others (see
@@ -494,6 +495,10 @@ def test_pixel_space_folder_runs_through_the_pipeline_and_generate(pixel_path, t
     (["--n", "0"], "--n"),
     (["--lift", "public", "--trials", "0"], "--trials"),
     (["--prompt", "a cat OR a dog", "--target", "joint"], "--target joint"),
+    (["--early-reject", "0.5"], "--early-reject"),
+    (["--early-reject", "1.5"], "--early-reject"),
+    (["--early-reject", "0.9", "--pilot", "0"], "--pilot"),
+    (["--early-reject", "0.9", "--lift", "none"], "--early-reject"),
 ])
 def test_generate_bad_input_names_the_argument(sd_path, tmp_path, argv, match):
     base = {"--prompt": "a cat AND NOT a dog", "--n": "1"}
@@ -510,3 +515,31 @@ def test_generate_refuses_a_folder_without_unet(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="--model .*unet"):
         _run(["--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--prompt", "a cat"])
+
+
+def test_generate_with_early_rejection(sd_path, tmp_path):
+    """Confidence 1 decides exactly as the full run; a lower one stops images early after a pilot
+    sampled in full, spends fewer UNet rows, and resumes to the same accepted set."""
+    base = ["--model", str(sd_path), "--n", "8", *GEN[:2], "--steps", "5", "--eta", "1", *GEN[4:]]
+    full = _manifest(base, tmp_path / "full")
+    exact = _manifest([*base, "--early-reject", "1.0", "--pilot", "4"], tmp_path / "exact")
+    assert [r["index"] for r in exact["accepted"]] == [r["index"] for r in full["accepted"]]
+    assert exact["stopped_early"] == 0
+    out = tmp_path / "early"
+    early = _manifest([*base, "--early-reject", "0.55", "--pilot", "12"], out)
+    records = sorted((r for f in (out / "shards").glob("*.pt") for r in load(f)["records"]), key=lambda r: r["index"])
+    assert all(r["stopped"] == 5 and len(r["margins"]) == 1 for r in records[:12])  # the pilot ran in full
+    assert early["stopped_early"] > 0 and all(not r["accepted"] for r in records if r["stopped"] < 5)
+    # a stopped image is one the full run rejects or one the confidence lets go; an accepted one is the full run's
+    full_acc = {r["index"] for r in full["accepted"] + full["surplus"]}
+    assert {r["index"] for r in early["accepted"]} <= full_acc | set(range(full["attempted"], 10 ** 6))
+    assert early["unet_rows"] / early["attempted"] < full["unet_rows"] / full["attempted"]
+    shards = sorted((out / "shards").glob("batch-*.pt"))
+    shards[-1].unlink()
+    again = _manifest([*base, "--early-reject", "0.55", "--pilot", "12"], out)
+    assert [r["index"] for r in again["accepted"]] == [r["index"] for r in early["accepted"]]
+
+
+def _manifest(argv: list[str], out: Path) -> dict:
+    assert _run([*argv, "--out", str(out)]) == 0
+    return json.loads((out / "manifest.json").read_text())

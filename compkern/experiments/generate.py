@@ -68,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="max UNet rows per call; auto (default): all (K+1) x B, halved on out-of-memory")
     p.add_argument("--max-attempts", type=int, default=None, help="stop after this many images (default 20 x n)")
     p.add_argument("--save-rejected", action="store_true", help="also write rejected images and their maps")
+    p.add_argument("--early-reject", type=float, default=None, metavar="CONFIDENCE",
+                   help="stop sampling an image whose partial lift after 40%% of the steps says it will be rejected; "
+                        "a finally-accepted image survives with probability >= CONFIDENCE (in (0.5, 1]), the rule "
+                        "calibrated on the first --pilot images (sampled to the end); default off")
+    p.add_argument("--pilot", type=int, default=64, help="--early-reject: images sampled in full to calibrate the rule")
     p.add_argument("--no-overlays", action="store_true", help="do not write lift-map overlay PNGs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     add_progress(p)

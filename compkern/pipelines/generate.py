@@ -18,6 +18,15 @@ overlays are written first). The folder is a ``compkern.utils.run_folder.RunFold
 with the same settings skips committed batches, so an interrupted run resumes where it stopped;
 other settings are refused.
 
+Early rejection (``--early-reject CONFIDENCE``, ``compkern.pipelines.early_reject``): the first
+``--pilot`` images (whole batches) are sampled to the end with their partial margins recorded
+after 40% of the steps; the rule calibrated on them then stops, in every later batch, the images
+whose partial margin says they will be rejected (a finally-accepted image survives with
+probability >= CONFIDENCE); a stopped image is rejected and unscored. Each record keeps
+``stopped`` (steps run) and ``margins``; the manifest counts ``stopped_early``. The rule is
+recomputed from the committed pilot shards on resume, so a resumed run decides as an
+uninterrupted one.
+
 Under torchrun the ranks take the pending batches round-robin (rank r takes every world-th);
 after each round one all_reduce (NCCL on GPUs, gloo on CPUs) sums the accepted counts, so every
 rank stops together once the global target ``n`` is met. Each rank writes its own shards; rank 0
@@ -36,13 +45,14 @@ from typing import Any
 
 import torch
 
+from compkern.pipelines import early_reject as ER
 from compkern.pipelines import lift_maps as LM
 from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
 
 # settings that change which images are accepted: a resumed run must match them
 _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift", "record_every",
-           "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype")
+           "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype", "early_reject", "pilot")
 
 
 @dataclass
@@ -72,6 +82,8 @@ class GenerateOptions:
     rule: str = "pixels"
     chunk_size: int | str = "auto"
     max_attempts: int | None = None
+    early_reject: float | None = None  # confidence; None: every image sampled to the end
+    pilot: int = 64
     save_rejected: bool = False
     no_overlays: bool = False
     progress: bool = True
@@ -157,6 +169,7 @@ def merge_manifest(out: str | os.PathLike, n: int | None = None, *, cache: dict 
         "accepted": accepted[:n], "surplus": accepted[n:], "n_accepted": min(len(accepted), n),
         "attempted": len(records), "acceptance_rate": len(accepted) / max(len(records), 1),
         "unet_rows": rows, "unet_rows_per_accepted": rows / len(accepted) if accepted else None,
+        "stopped_early": sum(r.get("stopped", cfg["steps"]) < cfg["steps"] for r in records),
         "wall_s": sum(s["wall_s"] for s in shards.values()),
         "batches": len(shards), "complete": len(accepted) >= n, "config": cfg,
     }
@@ -183,6 +196,14 @@ def generate(args: GenerateOptions) -> dict | None:
         raise ValueError(f"--lift must be one of {LIFTS}, got {args.lift!r}")
     if args.trials < 1 and args.lift in ("auto", "fresh", "public"):
         raise ValueError(f"--trials must be >= 1 with --lift {args.lift}, got {args.trials}")
+    if args.early_reject is not None:
+        ER.check_confidence(args.early_reject)
+        if args.pilot < 1:
+            raise ValueError(f"--pilot must be >= 1 with --early-reject, got {args.pilot}")
+        if args.lift == "none":
+            raise ValueError("--early-reject needs a lift to predict (not --lift none)")
+        if args.steps < 2:
+            raise ValueError(f"--early-reject needs --steps >= 2 (a check between the first and the last), got {args.steps}")
     model = Path(args.model)
     if not (model / "unet").is_dir():
         raise ValueError(f"--model {args.model}: not a diffusers folder with a unet/ subfolder")
@@ -198,7 +219,7 @@ def generate(args: GenerateOptions) -> dict | None:
                              "or NOT), so no joint caption; use --target noise")
         cfg = {k: getattr(args, k) for k in _FROZEN if k not in ("model", "dtype")}
         cfg.update(model=str(Path(args.model).resolve()), dtype=dtype, n=args.n, components=list(comp.components),
-                   signs=list(comp.signs), world_size=dist.world)
+                   signs=list(comp.signs), world_size=dist.world, pilot=args.pilot if args.early_reject is not None else None)
         if dist.rank == 0:
             RunFolder(out, cfg, keys=_FROZEN)
             (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -211,21 +232,32 @@ def generate(args: GenerateOptions) -> dict | None:
         accepted_total = sum(r["accepted"] for s in done.values() for r in s["records"])
         max_attempts = args.max_attempts or 20 * args.n
         pending = [j for j in range(math.ceil(max_attempts / args.batch_size)) if j not in done]
+        # with --early-reject the pilot batches (sampled in full, their partial margins recorded) run
+        # first, in rounds of their own; every later batch uses the rule calibrated on them
+        n_pilot = math.ceil(args.pilot / args.batch_size) if args.early_reject is not None else 0
+        phases = [[j for j in pending if j < n_pilot], [j for j in pending if j >= n_pilot]]
+        checks = ER.default_checks(args.steps)
         bar = tqdm(total=args.n, initial=min(accepted_total, args.n), desc="accepted", disable=dist.rank != 0 or not getattr(args, "progress", True))
         seen: dict = {}  # rank 0's shard cache for the per-round manifest merge
-        rnd = 0
-        while accepted_total < args.n and rnd * dist.world < len(pending):
-            slot = rnd * dist.world + dist.rank
-            n_acc = 0
-            if slot < len(pending):
-                n_acc = run_batch(pipe, comp, pending[slot], args, out, dist.rank)
-            accepted_total += int(dist.sum([n_acc])[0])
-            rnd += 1
-            if dist.rank == 0:
-                m = merge_manifest(out, args.n, cache=seen)
-                bar.n = min(accepted_total, args.n)
-                bar.set_postfix(attempted=m["attempted"], rate=f"{m['acceptance_rate']:.2f}")
-                bar.refresh()
+        for phase, batches in enumerate(phases):
+            rule = None
+            if args.early_reject is not None and batches and accepted_total < args.n:
+                rule = ER.EarlyRejectRule(checks, (-math.inf,) * len(checks), 1.0) if phase == 0 else \
+                    calibrate_from_pilot(out, n_pilot, checks, args.early_reject)
+            rnd = 0
+            while accepted_total < args.n and rnd * dist.world < len(batches):
+                slot = rnd * dist.world + dist.rank
+                n_acc = 0
+                if slot < len(batches):
+                    n_acc = run_batch(pipe, comp, batches[slot], args, out, dist.rank, early_reject=rule)
+                accepted_total += int(dist.sum([n_acc])[0])
+                rnd += 1
+                if dist.rank == 0:
+                    m = merge_manifest(out, args.n, cache=seen)
+                    bar.n = min(accepted_total, args.n)
+                    bar.set_postfix(attempted=m["attempted"], rate=f"{m['acceptance_rate']:.2f}")
+                    bar.refresh()
+            dist.barrier()  # the pilot's shards are all committed before anyone calibrates on them
         dist.barrier()
         if dist.rank == 0:
             bar.close()
@@ -235,32 +267,49 @@ def generate(args: GenerateOptions) -> dict | None:
         dist.close()
 
 
+def calibrate_from_pilot(out: Path, n_pilot: int, checks: tuple[int, ...], confidence: float) -> "ER.EarlyRejectRule":
+    """The early-rejection rule from the committed pilot batches 0..n_pilot-1 (their records'
+    partial margins and decisions)."""
+    records = [r for j, s in _committed(out).items() if j < n_pilot for r in s["records"]]
+    if not records or any(len(r.get("margins") or []) != len(checks) for r in records):
+        raise ValueError(f"--out {out}: the pilot batches hold no partial margins at the checks {checks}")
+    margins = torch.tensor([r["margins"] for r in records], dtype=torch.float32).T
+    return ER.EarlyRejectRule.calibrate(margins, torch.tensor([r["accepted"] for r in records]), checks, confidence)
+
+
 def score(pipe, comp, res, args, *, seed: int) -> tuple[LM.LiftMaps | None, torch.Tensor]:
     """Lift maps of a generated batch ``res`` (CompositionOutput) by ``args.lift`` / ``args.target``
-    and the (B,) bool decisions of ``args.rule``; (None, all True) for --lift none."""
+    and the (B,) bool decisions of ``args.rule``; (None, all True) for --lift none. With early
+    rejection (``res.alive``) only the images sampled to the end are scored (the maps' rows, in
+    order); the others are rejected."""
     B = res.latents.shape[0]
+    alive = torch.ones(B, dtype=torch.bool) if res.alive is None else res.alive
     lift = resolve_lift(comp, args.lift, args.target)
     if lift == "none":
-        return None, torch.ones(B, dtype=torch.bool)
+        return None, alive.clone()
+    if not alive.any():
+        return None, alive.clone()
+    latents = res.latents[alive.to(res.latents.device)]
     signs = torch.tensor(comp.signs)
     uses_joint = _uses_joint(comp, args.target)
     joint_row = comp.joint_row if uses_joint else None
     required = comp.expression.required()
     if lift == "cached":
         maps = LM.cached_lift_maps(res.record, signs, target=args.target, joint_row=joint_row, required=required,
-                                   latents=res.latents, schedule=pipe.schedule)
+                                   latents=latents, schedule=pipe.schedule)
     elif lift == "public":  # one noise bank for every image (seeded by --seed), as the public code
         emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=uses_joint),
                           height=args.height, width=args.width)
-        maps = LM.fixed_lift_maps(pipe, res.latents, emb, signs, n_trials=args.trials, seed=args.seed, target=args.target,
+        maps = LM.fixed_lift_maps(pipe, latents, emb, signs, n_trials=args.trials, seed=args.seed, target=args.target,
                                   joint_row=joint_row, required=required, chunk_size=pipe.last_chunk_size)
     else:
         emb = pipe.encode(comp.condition_prompts(args.negative_prompt, with_joint=False), height=args.height,
                           width=args.width)
-        maps = LM.fresh_lift_maps(pipe, res.latents, emb, n_trials=args.trials, adaptive=args.rule == "mean",
+        maps = LM.fresh_lift_maps(pipe, latents, emb, n_trials=args.trials, adaptive=args.rule == "mean",
                                   expr=comp.expression if args.rule == "mean" else None, seed=seed,
                                   chunk_size=pipe.last_chunk_size)
-    ok = LM.accept(comp, maps, threshold=args.threshold, min_pixels=args.min_pixels, rule=args.rule).cpu()
+    ok = torch.zeros(B, dtype=torch.bool)
+    ok[alive] = LM.accept(comp, maps, threshold=args.threshold, min_pixels=args.min_pixels, rule=args.rule).cpu()
     return maps, ok
 
 
@@ -291,9 +340,9 @@ def record_every_default(comp, target: str) -> int:
     return 2 if LM.resolve_target(target, comp.expression.required(), comp.K) == "joint" else 1
 
 
-def run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
-    """Generate, score and commit batch j of ``args`` (GenerateOptions) into ``out``; returns its
-    accepted count."""
+def run_batch(pipe, comp, j: int, args, out: Path, rank: int, early_reject: "ER.EarlyRejectRule | None" = None) -> int:
+    """Generate, score and commit batch j of ``args`` (GenerateOptions) into ``out`` (stopping
+    images early by ``early_reject``); returns its accepted count."""
     t0 = time.perf_counter()
     B = args.batch_size
     indices = list(range(j * B, (j + 1) * B))
@@ -304,17 +353,22 @@ def run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
                record_joint=(cached and _uses_joint(comp, args.target)) or None, height=args.height, width=args.width,
                chunk_size=args.chunk_size, record=cached,
                record_every=args.record_every or record_every_default(comp, args.target),
-               output_type="latent")
+               output_type="latent", early_reject=early_reject)
     maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
     rows = res.n_evals + (0 if maps is None else maps.n_evals)
-    keep = [b for b in range(B) if ok[b] or args.save_rejected]
+    alive = torch.ones(B, dtype=torch.bool) if res.alive is None else res.alive
+    row = (alive.cumsum(0) - 1).tolist()  # image b's row in the maps (of the images sampled to the end)
+    keep = [b for b in range(B) if ok[b] or (args.save_rejected and alive[b])]
     images = pipe.decode(res.latents[keep]) if keep else []
     records = []
     for b, i in enumerate(indices):
         rec = {"index": i, "seed": seeds[b], "accepted": bool(ok[b]), "rank": rank, "image": None, "maps": []}
-        if maps is not None:
-            rec["lift"] = maps.lift[:, b].tolist()
-            rec["pixels_above"] = maps.counts(args.threshold)[:, b].tolist()
+        if res.alive is not None:
+            rec["stopped"] = int(res.stopped[b])
+            rec["margins"] = [None if math.isnan(v) else v for v in res.margins[:, b].tolist()]
+        if maps is not None and alive[b]:
+            rec["lift"] = maps.lift[:, row[b]].tolist()
+            rec["pixels_above"] = maps.counts(args.threshold)[:, row[b]].tolist()
         records.append(rec)
     (out / "images").mkdir(exist_ok=True)
     for img, b in zip(images, keep):
@@ -322,7 +376,7 @@ def run_batch(pipe, comp, j: int, args, out: Path, rank: int) -> int:
         rec["image"] = f"images/{rec['index']:06d}.png"
         img.save(out / rec["image"])
         if maps is not None and not args.no_overlays:
-            sub = LM.LiftMaps(maps.pixel_lift[:, b:b + 1], maps.n_trials, 0, maps.targets, maps.source)
+            sub = LM.LiftMaps(maps.pixel_lift[:, row[b]:row[b] + 1], maps.n_trials, 0, maps.targets, maps.source)
             names = LM.save_overlays([img], sub, out / "maps", [f"{rec['index']:06d}"])[0]
             rec["maps"] = [f"maps/{f}" for f in names]
     RunFolder(out).save(_shard_path(out, j).relative_to(out), {"batch": j, "rank": rank, "records": records,
