@@ -21,6 +21,7 @@ COMMANDS = {
     "sepen": ("compkern.experiments.sepen", "Separate-and-Enhance on a procedural shapes world: train, finetune, evaluate"),
     "positions": ("compkern.experiments.positions", "multi-object positions: compose 1..5 objects, MCMC, CompLift"),
     "generate": ("compkern.experiments.generate", "Stable Diffusion composed generation with CompLift rejection"),
+    "early-reject": ("compkern.experiments.early_reject", "early rejection measured on the main job's world and suites"),
     "main-job": ("compkern.experiments.main_job", "the main job measured end to end on a trained shapes world (also `bench main-job`)"),
 }
 

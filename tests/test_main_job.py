@@ -115,3 +115,26 @@ def test_suites_name_what_they_test():
         assert len(objs) == 3 and objs[2] == shapes.companion(objs[0]) and objs[2] != objs[1]
     with pytest.raises(ValueError, match="suite"):
         MJ.suite_prompts(w, "xor", 1)
+
+
+def test_early_reject_benchmark_runs_resumes_and_counts(world, tmp_path):
+    """`compkern early-reject`: the full and the early run on the same seeds, the pilot apart;
+    confidence 1 stops nothing and decides as the full run; resume skips a finished cell."""
+    out = tmp_path / "er"
+    args = ["early-reject", "run", "--world", str(world), "--out", str(out), "--prompts", "1", "--n", "2", "--pilot", "3",
+            "--steps", "3", "--batch-size", "2", "--suites", "and_heldout,not_filter", "--no-progress"]
+    assert main([*args, "--confidence", "1.0"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["suite"] for r in res["rows"]] == ["and_heldout", "not_filter"]
+    for r in res["rows"]:
+        assert r["stopped"] == 0 and r["decisions_equal"] == 1.0 and r["accepted_lost"] == 0
+        assert r["candidates"] == 2 and r["pilot_rows_per_prompt"] > 0
+    cells = sorted((out / "cells").glob("*.pt"))
+    stamp = cells[0].stat().st_mtime_ns
+    cells[1].unlink()
+    assert main([*args, "--confidence", "1.0"]) == 0
+    assert cells[0].stat().st_mtime_ns == stamp and cells[1].exists()
+    with pytest.raises(ValueError, match="other settings"):
+        main([*args, "--confidence", "0.9"])
+    with pytest.raises(ValueError, match="early-reject"):
+        main([*args[:4], "--out", str(tmp_path / "bad"), "--confidence", "0.4"])

@@ -340,6 +340,18 @@ def record_every_default(comp, target: str) -> int:
     return 2 if LM.resolve_target(target, comp.expression.required(), comp.K) == "joint" else 1
 
 
+def sample_batch(pipe, comp, seeds: list[int], args, *, early_reject: "ER.EarlyRejectRule | None" = None):
+    """The CompositionOutput (latents) of ``seeds`` sampled as ``args`` (GenerateOptions) says,
+    recorded where ``args.lift`` scores from the record."""
+    cached = resolve_lift(comp, args.lift, args.target) == "cached"
+    return pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                negative_prompt=args.negative_prompt, eta=args.eta, generate=args.generate,
+                record_joint=(cached and _uses_joint(comp, args.target)) or None, height=args.height, width=args.width,
+                chunk_size=args.chunk_size, record=cached,
+                record_every=args.record_every or record_every_default(comp, args.target),
+                output_type="latent", early_reject=early_reject)
+
+
 def run_batch(pipe, comp, j: int, args, out: Path, rank: int, early_reject: "ER.EarlyRejectRule | None" = None) -> int:
     """Generate, score and commit batch j of ``args`` (GenerateOptions) into ``out`` (stopping
     images early by ``early_reject``); returns its accepted count."""
@@ -347,13 +359,7 @@ def run_batch(pipe, comp, j: int, args, out: Path, rank: int, early_reject: "ER.
     B = args.batch_size
     indices = list(range(j * B, (j + 1) * B))
     seeds = [args.seed + i for i in indices]
-    cached = resolve_lift(comp, args.lift, args.target) == "cached"
-    res = pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-               negative_prompt=args.negative_prompt, eta=args.eta, generate=args.generate,
-               record_joint=(cached and _uses_joint(comp, args.target)) or None, height=args.height, width=args.width,
-               chunk_size=args.chunk_size, record=cached,
-               record_every=args.record_every or record_every_default(comp, args.target),
-               output_type="latent", early_reject=early_reject)
+    res = sample_batch(pipe, comp, seeds, args, early_reject=early_reject)
     maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
     rows = res.n_evals + (0 if maps is None else maps.n_evals)
     alive = torch.ones(B, dtype=torch.bool) if res.alive is None else res.alive
