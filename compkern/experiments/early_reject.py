@@ -16,16 +16,14 @@ seeds whose decision is the same, the full run's accepted images stopped early, 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from compkern.data import shapes
 from compkern.experiments._args import add_progress, add_sample_steps, add_threads
-from compkern.experiments.main_job import SUITES, judge, suite_prompts
+from compkern.experiments.main_job import SUITES, check_at_least_one, judge, open_world, parse_suites, suite_prompts
 from compkern.pipelines import early_reject as ER
 from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
@@ -89,23 +87,15 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from compkern.pipelines.composition import CompositionPipeline
-    from compkern.train.sepen import load_detector, load_world
+    from compkern.train.sepen import load_detector
 
-    for name in ("n", "prompts", "steps", "pilot", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("n", "prompts", "steps", "pilot", "batch_size"))
     ER.check_confidence(args.confidence)
     if args.threads:
         torch.set_num_threads(args.threads)
-    world_dir, out = Path(args.world), Path(args.out)
-    model = world_dir / "base" / "model"
-    if not (model / "unet").is_dir():
-        raise ValueError(f"--world {world_dir}: no trained model at {model} (run `compkern sepen train` first)")
-    suites = args.suites.split(",")
-    bad = [s for s in suites if s not in SUITES]
-    if bad:
-        raise ValueError(f"--suites: unknown {bad}; choose from {SUITES}")
-    world = load_world(world_dir, shapes.ShapesWorld())
+    out = Path(args.out)
+    suites = parse_suites(args.suites)
+    world_dir, model, world = open_world(args.world)
     cfg = {k: getattr(args, k) for k in _FROZEN if k != "world"}
     cfg["world"] = world.to_dict()
     folder = RunFolder(out, cfg, keys=_FROZEN, what="benchmark")

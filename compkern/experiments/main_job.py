@@ -215,23 +215,17 @@ def _cells(world: shapes.ShapesWorld, n_prompts: int) -> list[tuple[str, int, st
     return [(s, i, e, o) for s in SUITES for i, (e, o) in enumerate(suite_prompts(world, s, n_prompts))]
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.action == "report":
-        print(report(Path(args.out), rules_from=Path(args.rules_from) if args.rules_from else None))
-        return 0
-    from tqdm.auto import tqdm
-
-    from compkern.pipelines.composition import CompositionPipeline
-    from compkern.train.sepen import load_detector, load_world
-
-    for name in ("n", "prompts", "steps", "public_trials", "ref_trials"):
+def check_at_least_one(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    for name in names:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.ref_n <= args.n:
-        raise ValueError(f"--ref-n must lie in [0, --n = {args.n}], got {args.ref_n}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    world_dir, out = Path(args.world), Path(args.out)
+
+
+def open_world(path: str) -> tuple[Path, Path, shapes.ShapesWorld]:
+    """--world: (folder, its trained diffusers model folder, the world), or a ValueError naming --world."""
+    from compkern.train.sepen import load_world
+
+    world_dir = Path(path)
     model = world_dir / "base" / "model"
     if not (model / "unet").is_dir():
         raise ValueError(f"--world {world_dir}: no trained model at {model} (run `compkern sepen train` first)")
@@ -239,16 +233,41 @@ def run(args: argparse.Namespace) -> int:
     if not world.extra_fraction:
         raise ValueError(f"--world {world_dir} was trained without uncaptioned companions (--extra-fraction): "
                          "its NOT suites would have nothing to reject")
+    return world_dir, model, world
+
+
+def parse_suites(text: str | None) -> list[str]:
+    """--suites: comma-separated names of SUITES (None or empty: all)."""
+    suites = text.split(",") if text else list(SUITES)
+    bad = [x for x in suites if x not in SUITES]
+    if bad:
+        raise ValueError(f"--suites: unknown {bad}; choose from {SUITES}")
+    return suites
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "report":
+        print(report(Path(args.out), rules_from=Path(args.rules_from) if args.rules_from else None))
+        return 0
+    from tqdm.auto import tqdm
+
+    from compkern.pipelines.composition import CompositionPipeline
+    from compkern.train.sepen import load_detector
+
+    check_at_least_one(args, ("n", "prompts", "steps", "public_trials", "ref_trials"))
+    if not 0 <= args.ref_n <= args.n:
+        raise ValueError(f"--ref-n must lie in [0, --n = {args.n}], got {args.ref_n}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    world_dir, model, world = open_world(args.world)
     cfg = {k: getattr(args, k) for k in _FROZEN if k != "world"}
     cfg["world"] = world.to_dict()
     cfg["model"] = str(model.resolve())
     folder = RunFolder(out, cfg, keys=_FROZEN, what="benchmark")
     pipe = CompositionPipeline.from_pretrained(model)
     detector = load_detector(world_dir)
-    suites = args.suites.split(",") if args.suites else list(SUITES)
-    bad = [x for x in suites if x not in SUITES]
-    if bad:
-        raise ValueError(f"--suites: unknown {bad}; choose from {SUITES}")
+    suites = parse_suites(args.suites)
     cells = [c for c in _cells(world, args.prompts) if c[0] in suites]
     todo = [c for c in cells if not folder.exists(f"cells/{c[0]}-{c[1]:02d}.pt")]
     for suite, i, expr, objs in tqdm(todo, desc="main-job cells", initial=len(cells) - len(todo), total=len(cells),
