@@ -66,18 +66,29 @@ def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, nu
     return x
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, *, eta: float = 0.0,
-              clip_x0: float | None = None, generator: Generators = None) -> torch.Tensor:
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float | torch.Tensor, a_prev: float | torch.Tensor, *,
+              eta: float = 0.0, clip_x0: float | None = None, generator: Generators = None) -> torch.Tensor:
     """One step x_t -> x_prev (Song et al. 2021, eq. 12) given eps at x_t; a_t, a_prev are
-    alphas_cumprod at t and at the previous (less noisy) level (1.0 for x0)."""
-    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    alphas_cumprod at t and at the previous (less noisy) level (1.0 for x0): numbers, or (B,)
+    tensors, one level per sample (continuous batching: every sample at its own step). The
+    coefficients are computed in fp64. Noise is drawn only for the samples whose sigma > 0."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    a_t = torch.as_tensor(a_t, dtype=torch.float64).reshape(shape)
+    a_prev = torch.as_tensor(a_prev, dtype=torch.float64).reshape(shape)
+    c = lambda v: v.to(device=x.device, dtype=x.dtype)  # noqa: E731
+    x0 = (x - c((1 - a_t) ** 0.5) * eps) / c(a_t ** 0.5)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
-        eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
+        eps = (x - c(a_t ** 0.5) * x0) / c((1 - a_t) ** 0.5)
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-    x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
-    if sigma > 0:
-        x = x + sigma * randn_like_rows(x, generator)
+    x = c(a_prev ** 0.5) * x0 + c((1 - a_prev - sigma ** 2).clamp(min=0.0) ** 0.5) * eps
+    noisy = (sigma > 0).flatten().expand(x.shape[0])
+    if bool(noisy.all()):
+        x = x + c(sigma) * randn_like_rows(x, generator)
+    elif bool(noisy.any()):
+        rows = noisy.nonzero().flatten()
+        gens = generator if generator is None or isinstance(generator, torch.Generator) else [generator[i] for i in rows]
+        x[rows] = x[rows] + c(sigma.expand(x.shape[0], *shape[1:])[rows]) * randn_like_rows(x[rows], gens)
     return x
 
 
