@@ -25,7 +25,10 @@ whose partial margin says they will be rejected (a finally-accepted image surviv
 probability >= CONFIDENCE); a stopped image is rejected and unscored. Each record keeps
 ``stopped`` (steps run) and ``margins``; the manifest counts ``stopped_early``. The rule is
 recomputed from the committed pilot shards on resume, so a resumed run decides as an
-uninterrupted one.
+uninterrupted one. On one process the batches after the pilot run through a
+``continuous.ContinuousSampler`` of --batch-size slots (``run_continuous``): a stopped image's
+slot takes the next seed at once, and batch j is committed once all its seeds are done; under
+torchrun each batch runs on its own and shrinks as its images stop (the same decisions).
 
 Under torchrun the ranks take the pending batches round-robin (rank r takes every world-th);
 after each round one all_reduce (NCCL on GPUs, gloo on CPUs) sums the accepted counts, so every
@@ -239,11 +242,21 @@ def generate(args: GenerateOptions) -> dict | None:
         checks = ER.default_checks(args.steps)
         bar = tqdm(total=args.n, initial=min(accepted_total, args.n), desc="accepted", disable=dist.rank != 0 or not getattr(args, "progress", True))
         seen: dict = {}  # rank 0's shard cache for the per-round manifest merge
+
+        def progress() -> None:  # rank 0: merge the manifest, move the bar
+            m = merge_manifest(out, args.n, cache=seen)
+            bar.n = m["n_accepted"]
+            bar.set_postfix(attempted=m["attempted"], rate=f"{m['acceptance_rate']:.2f}")
+            bar.refresh()
+
         for phase, batches in enumerate(phases):
             rule = None
             if args.early_reject is not None and batches and accepted_total < args.n:
                 rule = ER.EarlyRejectRule(checks, (-math.inf,) * len(checks), 1.0) if phase == 0 else \
                     calibrate_from_pilot(out, n_pilot, checks, args.early_reject)
+            if phase == 1 and rule is not None and dist.world == 1:  # one process: continuous batching
+                accepted_total = run_continuous(pipe, comp, batches, args, out, rule, accepted_total, progress)
+                continue
             rnd = 0
             while accepted_total < args.n and rnd * dist.world < len(batches):
                 slot = rnd * dist.world + dist.rank
@@ -253,10 +266,7 @@ def generate(args: GenerateOptions) -> dict | None:
                 accepted_total += int(dist.sum([n_acc])[0])
                 rnd += 1
                 if dist.rank == 0:
-                    m = merge_manifest(out, args.n, cache=seen)
-                    bar.n = min(accepted_total, args.n)
-                    bar.set_postfix(attempted=m["attempted"], rate=f"{m['acceptance_rate']:.2f}")
-                    bar.refresh()
+                    progress()
             dist.barrier()  # the pilot's shards are all committed before anyone calibrates on them
         dist.barrier()
         if dist.rank == 0:
@@ -340,16 +350,20 @@ def record_every_default(comp, target: str) -> int:
     return 2 if LM.resolve_target(target, comp.expression.required(), comp.K) == "joint" else 1
 
 
-def sample_batch(pipe, comp, seeds: list[int], args, *, early_reject: "ER.EarlyRejectRule | None" = None):
-    """The CompositionOutput (latents) of ``seeds`` sampled as ``args`` (GenerateOptions) says,
-    recorded where ``args.lift`` scores from the record."""
+def _sample_kwargs(comp, args) -> dict:
+    """The sampling keywords of ``args`` (GenerateOptions), recorded where ``args.lift`` scores
+    from the record: one definition for the batch pipeline and the continuous sampler."""
     cached = resolve_lift(comp, args.lift, args.target) == "cached"
-    return pipe(comp, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                negative_prompt=args.negative_prompt, eta=args.eta, generate=args.generate,
-                record_joint=(cached and _uses_joint(comp, args.target)) or None, height=args.height, width=args.width,
-                chunk_size=args.chunk_size, record=cached,
-                record_every=args.record_every or record_every_default(comp, args.target),
-                output_type="latent", early_reject=early_reject)
+    return dict(num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                eta=args.eta, generate=args.generate, record_joint=(cached and _uses_joint(comp, args.target)) or None,
+                height=args.height, width=args.width, record=cached,
+                record_every=args.record_every or record_every_default(comp, args.target))
+
+
+def sample_batch(pipe, comp, seeds: list[int], args, *, early_reject: "ER.EarlyRejectRule | None" = None):
+    """The CompositionOutput (latents) of ``seeds`` sampled as ``args`` (GenerateOptions) says."""
+    return pipe(comp, seeds=seeds, chunk_size=args.chunk_size, output_type="latent", early_reject=early_reject,
+                **_sample_kwargs(comp, args))
 
 
 def run_batch(pipe, comp, j: int, args, out: Path, rank: int, early_reject: "ER.EarlyRejectRule | None" = None) -> int:
@@ -357,9 +371,59 @@ def run_batch(pipe, comp, j: int, args, out: Path, rank: int, early_reject: "ER.
     images early by ``early_reject``); returns its accepted count."""
     t0 = time.perf_counter()
     B = args.batch_size
+    res = sample_batch(pipe, comp, [args.seed + i for i in range(j * B, (j + 1) * B)], args, early_reject=early_reject)
+    return commit_batch(pipe, comp, j, res, args, out, rank, t0)
+
+
+def run_continuous(pipe, comp, batches: list[int], args, out: Path, rule: "ER.EarlyRejectRule", accepted: int,
+                   on_commit) -> int:
+    """Batches ``batches`` through one ContinuousSampler of --batch-size slots (a stopped image's
+    slot takes the next seed at once); batch j is committed, as ``run_batch`` commits it, once all
+    its seeds are done, in order. Stops feeding seeds once ``args.n`` are accepted; returns the
+    accepted total (``accepted`` before). on_commit(): after each commit."""
+    from compkern.pipelines.composition import CompositionOutput
+    from compkern.pipelines.continuous import ContinuousSampler, stack_record
+
+    B = args.batch_size
+    seeds_of = {j: [args.seed + i for i in range(j * B, (j + 1) * B)] for j in batches}
+    todo = list(batches)
+    state = {"accepted": accepted}
+
+    def stream():
+        for j in batches:
+            if state["accepted"] >= args.n:
+                return
+            yield from seeds_of[j]
+
+    chunk = None if args.chunk_size == "auto" else int(args.chunk_size)
+    sampler = ContinuousSampler(pipe, comp, slots=B, early_reject=rule, chunk_size=chunk, **_sample_kwargs(comp, args))
+    done: dict[int, object] = {}
+    t0 = time.perf_counter()
+    for r in sampler.run(stream()):
+        done[r.seed] = r
+        while todo and all(s in done for s in seeds_of[todo[0]]):
+            j = todo.pop(0)
+            rs = [done.pop(s) for s in seeds_of[j]]
+            alive = torch.tensor([r.stopped == args.steps for r in rs])
+            live = [r for r, a in zip(rs, alive.tolist()) if a]
+            res = CompositionOutput(None, torch.stack([r.latents for r in rs]),
+                                    stack_record(live) if live and live[0].record else None, sum(r.rows for r in rs),
+                                    sampler.comp, sampler.weights, seeds_of[j], [], "", alive,
+                                    torch.tensor([r.stopped for r in rs]), torch.stack([r.margins for r in rs], 1))
+            state["accepted"] += commit_batch(pipe, comp, j, res, args, out, 0, t0)
+            t0 = time.perf_counter()
+            on_commit()
+        if state["accepted"] >= args.n:
+            break  # the images still in flight belong to uncommitted batches: a rerun with a larger n redoes them
+    return state["accepted"]
+
+
+def commit_batch(pipe, comp, j: int, res, args, out: Path, rank: int, t0: float) -> int:
+    """Score batch j's CompositionOutput ``res`` and commit it (accepted images and overlays first,
+    then the atomic shard); returns its accepted count."""
+    B = args.batch_size
     indices = list(range(j * B, (j + 1) * B))
     seeds = [args.seed + i for i in indices]
-    res = sample_batch(pipe, comp, seeds, args, early_reject=early_reject)
     maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
     rows = res.n_evals + (0 if maps is None else maps.n_evals)
     alive = torch.ones(B, dtype=torch.bool) if res.alive is None else res.alive
