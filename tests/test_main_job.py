@@ -128,6 +128,7 @@ def test_early_reject_benchmark_runs_resumes_and_counts(world, tmp_path):
     assert [r["suite"] for r in res["rows"]] == ["and_heldout", "not_filter"]
     for r in res["rows"]:
         assert r["stopped"] == 0 and r["decisions_equal"] == 1.0 and r["accepted_lost"] == 0
+        assert r["continuous_equal_early"] == 1.0
         assert r["candidates"] == 2 and r["pilot_rows_per_prompt"] > 0
     cells = sorted((out / "cells").glob("*.pt"))
     stamp = cells[0].stat().st_mtime_ns

@@ -8,7 +8,9 @@ A cell is (suite, prompt) of `compkern main-job`. For each, exactly as `compkern
 a pilot of --pilot images (seeds after the evaluated ones) sampled in full calibrates the rule at
 --confidence; then the --n evaluated seeds are generated twice, in full and with the rule. The
 detector judges every image sampled to the end (a survivor's latents equal its full-trajectory
-latents: dropping others does not touch it). Reported per suite: UNet rows and wall seconds per
+latents: dropping others does not touch it); a third run sends the same seeds through continuous
+batching (``ContinuousSampler``, --batch-size slots, a stopped image's slot refilled at once).
+Reported per suite: UNet rows and wall seconds per
 accepted image of both runs (the pilot's cost apart: it is paid once per prompt), the share of
 seeds whose decision is the same, the full run's accepted images stopped early, and the precision
 (the detector's share of accepted images that satisfy the expression).
@@ -54,6 +56,26 @@ def _run_seeds(pipe, comp, seeds: list[int], opts, rule) -> dict:
     return out
 
 
+def _run_continuous(pipe, comp, seeds: list[int], opts, rule) -> dict:
+    """``seeds`` through one ContinuousSampler of ``opts.batch_size`` slots with ``rule``, the
+    finished images scored in groups of batch_size as they come: accepted (N,) bool in seed order."""
+    from compkern.pipelines.continuous import ContinuousSampler
+    from compkern.pipelines.generate import _sample_kwargs, score
+
+    t0 = time.perf_counter()
+    sampler = ContinuousSampler(pipe, comp, slots=opts.batch_size, early_reject=rule, **_sample_kwargs(comp, opts))
+    done, rows, accepted = [], 0, {}
+    for r in sampler.run(seeds):
+        done.append(r)
+        if len(done) == opts.batch_size or len(accepted) + len(done) == len(seeds):
+            res = sampler.output(done)
+            maps, ok = score(pipe, comp, res, opts, seed=opts.seed)
+            rows += res.n_evals + (0 if maps is None else maps.n_evals)
+            accepted.update({d.seed: bool(k) for d, k in zip(done, ok.tolist())})
+            done = []
+    return {"accepted": torch.tensor([accepted[s] for s in seeds]), "rows": rows, "wall": time.perf_counter() - t0}
+
+
 def run_cell(pipe, detector, expr: str, objs: list[int], cfg: dict, model: str) -> dict:
     from compkern.pipelines.composition import parse_composition
     from compkern.pipelines.generate import GenerateOptions
@@ -69,6 +91,7 @@ def run_cell(pipe, detector, expr: str, objs: list[int], cfg: dict, model: str) 
     seeds = list(range(seed, seed + n))
     full = _run_seeds(pipe, comp, seeds, opts, None)
     early = _run_seeds(pipe, comp, seeds, opts, rule)
+    cont = _run_continuous(pipe, comp, seeds, opts, rule)
     alive = early["alive"]
     if not torch.allclose(early["latents"][alive], full["latents"][alive], atol=1e-4, rtol=1e-4):
         raise RuntimeError("early rejection changed a surviving image: sampling must not depend on the batch")
@@ -77,7 +100,8 @@ def run_cell(pipe, detector, expr: str, objs: list[int], cfg: dict, model: str) 
             "pilot": {"rows": pilot["rows"], "wall": pilot["wall"], "accepted": pilot["accepted"]},
             "full": {k: full[k] for k in ("accepted", "rows", "wall")},
             "early": {"accepted": early["accepted"], "alive": alive, "margins": early["margins"], "rows": early["rows"],
-                      "wall": early["wall"]}}
+                      "wall": early["wall"]},
+            "continuous": cont}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,18 +162,23 @@ def report(out: Path) -> str:
             "rows_per_accepted_early": tot("early", "rows") / max(n_early, 1),
             "wall_per_accepted_full": tot("full", "wall") / max(n_full, 1),
             "wall_per_accepted_early": tot("early", "wall") / max(n_early, 1),
+            "rows_per_accepted_continuous": tot("continuous", "rows") / max(int(cat("continuous", "accepted").sum()), 1),
+            "wall_per_accepted_continuous": tot("continuous", "wall") / max(int(cat("continuous", "accepted").sum()), 1),
+            "continuous_equal_early": float((cat("continuous", "accepted") == early).float().mean()),
             "stopped": int((~alive).sum()), "decisions_equal": float((full == early).float().mean()),
             "accepted_lost": int((full & ~alive).sum()), "accepted_full": n_full, "accepted_early": n_early,
             "precision_full": _precision(full, sat), "precision_early": _precision(early, sat),
             "pilot_rows_per_prompt": tot("pilot", "rows") / len(sc),
             "thresholds": [c["rule"]["thresholds"] for c in sc]})
     RunFolder(out).write_json("results.json", {"rows": rows, "config": RunFolder(out).stored_config()})
-    lines = ["| suite | acceptance | rows / accepted: full -> early | wall s / accepted: full -> early | stopped early "
-             "| decisions equal | accepted lost | precision: full -> early | pilot rows / prompt |", "|" + "---|" * 9]
+    lines = ["| suite | acceptance | rows / accepted: full -> early | wall s / accepted: full -> early -> + continuous "
+             "| stopped early | decisions equal | accepted lost | precision: full -> early | pilot rows / prompt |",
+             "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['suite']} | {r['acceptance']:.2f} | {r['rows_per_accepted_full']:.0f} -> "
                      f"{r['rows_per_accepted_early']:.0f} ({r['rows_per_accepted_full'] / r['rows_per_accepted_early']:.2f}x) | "
-                     f"{r['wall_per_accepted_full']:.2f} -> {r['wall_per_accepted_early']:.2f} | {r['stopped']}/{r['candidates']} | "
+                     f"{r['wall_per_accepted_full']:.2f} -> {r['wall_per_accepted_early']:.2f} -> "
+                     f"{r['wall_per_accepted_continuous']:.2f} | {r['stopped']}/{r['candidates']} | "
                      f"{r['decisions_equal']:.3f} | {r['accepted_lost']}/{r['accepted_full']} | "
                      f"{r['precision_full']:.3f} -> {r['precision_early']:.3f} | {r['pilot_rows_per_prompt']:.0f} |")
     table = "\n".join(lines)

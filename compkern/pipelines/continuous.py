@@ -148,6 +148,19 @@ class ContinuousSampler:
                     stopped.append(g)
         return stopped
 
+    def output(self, results: list[SlotResult]):
+        """A CompositionOutput of ``results`` (in that order), as the batch pipeline returns it with
+        early rejection: latents (B, ...), alive / stopped / margins, the record of the images
+        sampled to the end (None without record), n_evals: their UNet rows."""
+        from compkern.pipelines.composition import CompositionOutput
+
+        alive = torch.tensor([r.stopped == self.S for r in results])
+        live = [r for r in results if r.stopped == self.S]
+        return CompositionOutput(None, torch.stack([r.latents for r in results]),
+                                 stack_record(live) if live and self.keep_record else None, sum(r.rows for r in results),
+                                 self.comp, self.weights, [r.seed for r in results], [], "", alive,
+                                 torch.tensor([r.stopped for r in results]), torch.stack([r.margins for r in results], 1))
+
     @torch.no_grad()
     def run(self, seeds: Iterable[int]) -> Iterator[SlotResult]:
         """SlotResult of every seed, yielded as each image finishes or stops."""

@@ -381,8 +381,7 @@ def run_continuous(pipe, comp, batches: list[int], args, out: Path, rule: "ER.Ea
     slot takes the next seed at once); batch j is committed, as ``run_batch`` commits it, once all
     its seeds are done, in order. Stops feeding seeds once ``args.n`` are accepted; returns the
     accepted total (``accepted`` before). on_commit(): after each commit."""
-    from compkern.pipelines.composition import CompositionOutput
-    from compkern.pipelines.continuous import ContinuousSampler, stack_record
+    from compkern.pipelines.continuous import ContinuousSampler
 
     B = args.batch_size
     seeds_of = {j: [args.seed + i for i in range(j * B, (j + 1) * B)] for j in batches}
@@ -403,13 +402,7 @@ def run_continuous(pipe, comp, batches: list[int], args, out: Path, rule: "ER.Ea
         done[r.seed] = r
         while todo and all(s in done for s in seeds_of[todo[0]]):
             j = todo.pop(0)
-            rs = [done.pop(s) for s in seeds_of[j]]
-            alive = torch.tensor([r.stopped == args.steps for r in rs])
-            live = [r for r, a in zip(rs, alive.tolist()) if a]
-            res = CompositionOutput(None, torch.stack([r.latents for r in rs]),
-                                    stack_record(live) if live and live[0].record else None, sum(r.rows for r in rs),
-                                    sampler.comp, sampler.weights, seeds_of[j], [], "", alive,
-                                    torch.tensor([r.stopped for r in rs]), torch.stack([r.margins for r in rs], 1))
+            res = sampler.output([done.pop(s) for s in seeds_of[j]])
             state["accepted"] += commit_batch(pipe, comp, j, res, args, out, 0, t0)
             t0 = time.perf_counter()
             on_commit()
