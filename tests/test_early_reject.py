@@ -142,3 +142,17 @@ def test_continuous_sampler_refuses_bad_settings(sd):
         ContinuousSampler(sd, "a car AND a clock", slots=0)
     with pytest.raises(ValueError, match="checks must be increasing"):
         ContinuousSampler(sd, "a car AND a clock", num_inference_steps=4, early_reject=EarlyRejectRule((4,), (0.0,), 0.9))
+
+
+@pytest.mark.parametrize("confidence,n_checks", [(0.95, 1), (0.9, 1), (0.9, 2), (0.8, 1), (0.6, 3)])
+def test_min_pilot_accepts_is_where_the_checks_turn_on(confidence, n_checks):
+    from compkern.pipelines.early_reject import min_pilot_accepts
+
+    n = min_pilot_accepts(confidence, n_checks)
+    checks = tuple(range(1, n_checks + 1))
+    on = EarlyRejectRule.calibrate(torch.arange(float(n)).repeat(n_checks, 1), torch.ones(n, dtype=torch.bool), checks,
+                                   confidence)
+    off = EarlyRejectRule.calibrate(torch.arange(float(n - 1)).repeat(n_checks, 1), torch.ones(n - 1, dtype=torch.bool),
+                                    checks, confidence)
+    assert all(math.isfinite(t) for t in on.thresholds) and all(t == -math.inf for t in off.thresholds)
+    assert min_pilot_accepts(1.0) == 0

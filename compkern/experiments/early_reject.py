@@ -5,8 +5,8 @@
 
 A cell is (suite, prompt) of `compkern main-job`. For each, exactly as `compkern generate` runs it
 (``pipelines.generate.sample_batch`` and ``score``, its default scorer, batches of --batch-size):
-a pilot of --pilot images (seeds after the evaluated ones) sampled in full calibrates the rule at
---confidence; then the --n evaluated seeds are generated twice, in full and with the rule. The
+a pilot (seeds after the evaluated ones) sampled in full until it holds --pilot images and
+enough accepted ones for --confidence (at most 4 x --pilot) calibrates the rule; then the --n evaluated seeds are generated twice, in full and with the rule. The
 detector judges every image sampled to the end (a survivor's latents equal its full-trajectory
 latents: dropping others does not touch it); a third run sends the same seeds through continuous
 batching (``ContinuousSampler``, --batch-size slots, a stopped image's slot refilled at once).
@@ -76,6 +76,20 @@ def _run_continuous(pipe, comp, seeds: list[int], opts, rule) -> dict:
     return {"accepted": torch.tensor([accepted[s] for s in seeds]), "rows": rows, "wall": time.perf_counter() - t0}
 
 
+def _pilot(pipe, comp, first_seed: int, opts, off, pilot: int, need: int) -> dict:
+    """The pilot as `compkern generate` runs it: batches of full trajectories from ``first_seed``
+    until they hold >= ``pilot`` images and >= ``need`` accepted ones (at most 4 x pilot images)."""
+    parts, seed = [], first_seed
+    while True:
+        parts.append(_run_seeds(pipe, comp, list(range(seed, seed + opts.batch_size)), opts, off))
+        seed += opts.batch_size
+        images = seed - first_seed
+        if images >= pilot and sum(int(q["accepted"].sum()) for q in parts) >= need or images >= 4 * pilot:
+            break
+    return {"accepted": torch.cat([q["accepted"] for q in parts]), "margins": torch.cat([q["margins"] for q in parts], 1),
+            "rows": sum(q["rows"] for q in parts), "wall": sum(q["wall"] for q in parts)}
+
+
 def run_cell(pipe, detector, expr: str, objs: list[int], cfg: dict, model: str) -> dict:
     from compkern.pipelines.composition import parse_composition
     from compkern.pipelines.generate import GenerateOptions
@@ -86,7 +100,7 @@ def run_cell(pipe, detector, expr: str, objs: list[int], cfg: dict, model: str) 
     checks = ER.default_checks(cfg["steps"])
     off = ER.EarlyRejectRule(checks, (-math.inf,) * len(checks), 1.0)
     n, seed = cfg["n"], cfg["seed"]
-    pilot = _run_seeds(pipe, comp, list(range(seed + n, seed + n + cfg["pilot"])), opts, off)
+    pilot = _pilot(pipe, comp, seed + n, opts, off, cfg["pilot"], ER.min_pilot_accepts(cfg["confidence"], len(checks)))
     rule = ER.EarlyRejectRule.calibrate(pilot["margins"], pilot["accepted"], checks, cfg["confidence"])
     seeds = list(range(seed, seed + n))
     full = _run_seeds(pipe, comp, seeds, opts, None)
@@ -98,6 +112,7 @@ def run_cell(pipe, detector, expr: str, objs: list[int], cfg: dict, model: str) 
     sat, _ = judge(detector, full["latents"], objs, comp.expression)
     return {"expression": expr, "objs": objs, "rule": rule.to_dict(), "satisfied": sat,
             "pilot": {"rows": pilot["rows"], "wall": pilot["wall"], "accepted": pilot["accepted"]},
+            "checks_on": all(math.isfinite(t) for t in rule.thresholds),
             "full": {k: full[k] for k in ("accepted", "rows", "wall")},
             "early": {"accepted": early["accepted"], "alive": alive, "margins": early["margins"], "rows": early["rows"],
                       "wall": early["wall"]},
@@ -169,18 +184,21 @@ def report(out: Path) -> str:
             "accepted_lost": int((full & ~alive).sum()), "accepted_full": n_full, "accepted_early": n_early,
             "precision_full": _precision(full, sat), "precision_early": _precision(early, sat),
             "pilot_rows_per_prompt": tot("pilot", "rows") / len(sc),
+            "pilot_images_per_prompt": sum(len(c["pilot"]["accepted"]) for c in sc) / len(sc),
+            "prompts_with_checks_on": sum(bool(c.get("checks_on")) for c in sc), "prompts": len(sc),
             "thresholds": [c["rule"]["thresholds"] for c in sc]})
     RunFolder(out).write_json("results.json", {"rows": rows, "config": RunFolder(out).stored_config()})
     lines = ["| suite | acceptance | rows / accepted: full -> early | wall s / accepted: full -> early -> + continuous "
-             "| stopped early | decisions equal | accepted lost | precision: full -> early | pilot rows / prompt |",
-             "|" + "---|" * 9]
+             "| stopped early | decisions equal | accepted lost | precision: full -> early | pilot images (rows) / prompt "
+             "| prompts with the check on |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['suite']} | {r['acceptance']:.2f} | {r['rows_per_accepted_full']:.0f} -> "
                      f"{r['rows_per_accepted_early']:.0f} ({r['rows_per_accepted_full'] / r['rows_per_accepted_early']:.2f}x) | "
                      f"{r['wall_per_accepted_full']:.2f} -> {r['wall_per_accepted_early']:.2f} -> "
                      f"{r['wall_per_accepted_continuous']:.2f} | {r['stopped']}/{r['candidates']} | "
                      f"{r['decisions_equal']:.3f} | {r['accepted_lost']}/{r['accepted_full']} | "
-                     f"{r['precision_full']:.3f} -> {r['precision_early']:.3f} | {r['pilot_rows_per_prompt']:.0f} |")
+                     f"{r['precision_full']:.3f} -> {r['precision_early']:.3f} | {r['pilot_images_per_prompt']:.0f} "
+                     f"({r['pilot_rows_per_prompt']:.0f}) | {r['prompts_with_checks_on']}/{r['prompts']} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     return table

@@ -37,6 +37,14 @@ def check_confidence(confidence: float) -> float:
     return float(confidence)
 
 
+def min_pilot_accepts(confidence: float, n_checks: int = 1) -> int:
+    """The fewest finally-accepted pilot images for which ``EarlyRejectRule.calibrate`` turns a
+    check on at ``confidence``: n with floor(alpha (n + 1)) >= 1, alpha = (1 - confidence) / n_checks
+    (19 for one check at 0.95); 0 at confidence 1 (every check stays off)."""
+    alpha = (1 - check_confidence(confidence)) / n_checks
+    return 0 if alpha <= 0 else max(0, math.ceil(1 / alpha - 1 - 1e-9))
+
+
 def default_checks(num_steps: int) -> tuple[int, ...]:
     """One check after 40% of the steps (20 of 50): the shapes world's probe, benchmarks/RESULTS.md."""
     return (max(1, min(num_steps - 1, round(0.4 * num_steps))),)

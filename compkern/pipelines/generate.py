@@ -19,8 +19,9 @@ with the same settings skips committed batches, so an interrupted run resumes wh
 other settings are refused.
 
 Early rejection (``--early-reject CONFIDENCE``, ``compkern.pipelines.early_reject``): the first
-``--pilot`` images (whole batches) are sampled to the end with their partial margins recorded
-after 40% of the steps; the rule calibrated on them then stops, in every later batch, the images
+batches are sampled to the end with their partial margins recorded after 40% of the steps, until
+they hold at least ``--pilot`` images and enough accepted ones for the confidence
+(``early_reject.min_pilot_accepts``: 19 at 0.95); the rule calibrated on them then stops, in every later batch, the images
 whose partial margin says they will be rejected (a finally-accepted image survives with
 probability >= CONFIDENCE); a stopped image is rejected and unscored. Each record keeps
 ``stopped`` (steps run) and ``margins``; the manifest counts ``stopped_early``. The rule is
@@ -28,7 +29,8 @@ recomputed from the committed pilot shards on resume, so a resumed run decides a
 uninterrupted one. On one process the batches after the pilot run through a
 ``continuous.ContinuousSampler`` of --batch-size slots (``run_continuous``): a stopped image's
 slot takes the next seed at once, and batch j is committed once all its seeds are done; under
-torchrun each batch runs on its own and shrinks as its images stop (the same decisions).
+torchrun each batch runs on its own and shrinks as its images stop (the same decisions; the
+batches of the round that completes the pilot are sampled in full).
 
 Under torchrun the ranks take the pending batches round-robin (rank r takes every world-th);
 after each round one all_reduce (NCCL on GPUs, gloo on CPUs) sums the accepted counts, so every
@@ -235,10 +237,6 @@ def generate(args: GenerateOptions) -> dict | None:
         accepted_total = sum(r["accepted"] for s in done.values() for r in s["records"])
         max_attempts = args.max_attempts or 20 * args.n
         pending = [j for j in range(math.ceil(max_attempts / args.batch_size)) if j not in done]
-        # with --early-reject the pilot batches (sampled in full, their partial margins recorded) run
-        # first, in rounds of their own; every later batch uses the rule calibrated on them
-        n_pilot = math.ceil(args.pilot / args.batch_size) if args.early_reject is not None else 0
-        phases = [[j for j in pending if j < n_pilot], [j for j in pending if j >= n_pilot]]
         checks = ER.default_checks(args.steps)
         bar = tqdm(total=args.n, initial=min(accepted_total, args.n), desc="accepted", disable=dist.rank != 0 or not getattr(args, "progress", True))
         seen: dict = {}  # rank 0's shard cache for the per-round manifest merge
@@ -249,25 +247,27 @@ def generate(args: GenerateOptions) -> dict | None:
             bar.set_postfix(attempted=m["attempted"], rate=f"{m['acceptance_rate']:.2f}")
             bar.refresh()
 
-        for phase, batches in enumerate(phases):
-            rule = None
-            if args.early_reject is not None and batches and accepted_total < args.n:
-                rule = ER.EarlyRejectRule(checks, (-math.inf,) * len(checks), 1.0) if phase == 0 else \
-                    calibrate_from_pilot(out, n_pilot, checks, args.early_reject)
-            if phase == 1 and rule is not None and dist.world == 1:  # one process: continuous batching
-                accepted_total = run_continuous(pipe, comp, batches, args, out, rule, accepted_total, progress)
-                continue
-            rnd = 0
-            while accepted_total < args.n and rnd * dist.world < len(batches):
-                slot = rnd * dist.world + dist.rank
-                n_acc = 0
-                if slot < len(batches):
-                    n_acc = run_batch(pipe, comp, batches[slot], args, out, dist.rank, early_reject=rule)
-                accepted_total += int(dist.sum([n_acc])[0])
-                rnd += 1
-                if dist.rank == 0:
-                    progress()
-            dist.barrier()  # the pilot's shards are all committed before anyone calibrates on them
+        # with --early-reject the first batches are the pilot (sampled in full, partial margins
+        # recorded) until it is complete (``pilot_batches``); every later batch uses the rule
+        # calibrated on it, on one process through continuous batching
+        off = ER.EarlyRejectRule(checks, (-math.inf,) * len(checks), 1.0)
+        rule = None
+        rnd = 0
+        while accepted_total < args.n and rnd * dist.world < len(pending):
+            if args.early_reject is not None and rule in (None, off):
+                n_pilot = pilot_batches(out, args.batch_size, args.pilot, ER.min_pilot_accepts(args.early_reject, len(checks)))
+                rule = off if n_pilot is None else calibrate_from_pilot(out, n_pilot, checks, args.early_reject)
+                if rule is not off and dist.world == 1:
+                    accepted_total = run_continuous(pipe, comp, pending[rnd:], args, out, rule, accepted_total, progress)
+                    break
+            slot = rnd * dist.world + dist.rank
+            n_acc = 0
+            if slot < len(pending):
+                n_acc = run_batch(pipe, comp, pending[slot], args, out, dist.rank, early_reject=rule)
+            accepted_total += int(dist.sum([n_acc])[0])  # also a barrier: the round's shards are committed
+            rnd += 1
+            if dist.rank == 0:
+                progress()
         dist.barrier()
         if dist.rank == 0:
             bar.close()
@@ -275,6 +275,22 @@ def generate(args: GenerateOptions) -> dict | None:
         return None
     finally:
         dist.close()
+
+
+def pilot_batches(out: Path, batch_size: int, pilot: int, need: int) -> int | None:
+    """The pilot's length in batches: the shortest run of committed batches 0, 1, ... that holds
+    at least ``pilot`` images and ``need`` accepted ones (``ER.min_pilot_accepts``: fewer would
+    leave the rule's checks off); None while the committed batches hold no such run."""
+    shards = _committed(out)
+    images = accepted = 0
+    for j in range(len(shards)):
+        if j not in shards:
+            return None
+        images += len(shards[j]["records"])
+        accepted += sum(r["accepted"] for r in shards[j]["records"])
+        if images >= pilot and accepted >= need:
+            return j + 1
+    return None
 
 
 def calibrate_from_pilot(out: Path, n_pilot: int, checks: tuple[int, ...], confidence: float) -> "ER.EarlyRejectRule":
