@@ -543,3 +543,28 @@ def test_generate_with_early_rejection(sd_path, tmp_path):
 def _manifest(argv: list[str], out: Path) -> dict:
     assert _run([*argv, "--out", str(out)]) == 0
     return json.loads((out / "manifest.json").read_text())
+
+
+def test_early_rejection_interrupted_mid_stream_resumes_to_the_same_images(sd_path, tmp_path, monkeypatch):
+    """An interruption while continuous batching has images of several batches in flight: the
+    rerun redoes only the uncommitted batches and accepts what an uninterrupted run accepts."""
+    from compkern.pipelines import generate as G
+
+    base = ["--model", str(sd_path), "--n", "8", *GEN[:2], "--steps", "5", "--eta", "1", *GEN[4:],
+            "--early-reject", "0.55", "--pilot", "12"]
+    whole = _manifest(base, tmp_path / "whole")
+    real, calls = G.commit_batch, []
+
+    def flaky(*a, **k):
+        calls.append(a[2])
+        if len(calls) == 5:  # the pilot's 3 batches, one continuous batch, then the interruption
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "commit_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _manifest(base, tmp_path / "cut")
+    monkeypatch.setattr(G, "commit_batch", real)
+    again = _manifest(base, tmp_path / "cut")
+    assert [r["index"] for r in again["accepted"]] == [r["index"] for r in whole["accepted"]]
+    assert again["stopped_early"] == whole["stopped_early"] > 0
