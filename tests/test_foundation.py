@@ -103,3 +103,16 @@ def test_trainer_resume_equals_uninterrupted(tmp_path):
     torch.testing.assert_close(net3.weight, net.weight)
     with pytest.raises(ValueError, match="made with other settings"):
         Trainer(tmp_path / "b", {"net": net3}, opt3, step3, config={"lr": 5}, progress=False)
+
+
+def test_ema_update_is_the_lerp_of_every_parameter():
+    from compkern.train.loop import ema_update
+
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for e, b, m in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * m)
+    with pytest.raises(ValueError, match="same parameters"):
+        ema_update(ema, torch.nn.Linear(3, 2, bias=False), 0.9)

@@ -45,7 +45,7 @@ from compkern.models.classifier import AttributeClassifier
 from compkern.models.base import EpsModel, evaluate_conditions
 from compkern.models.schedule import NoiseSchedule
 from compkern.samplers import ComposedEps, ddim_sample
-from compkern.train.loop import Trainer
+from compkern.train.loop import Trainer, ema_update
 from compkern.utils.checkpoint import atomic_save, load
 
 Masking = Literal["independent", "joint", "none"]
@@ -207,9 +207,7 @@ class CoInDTrainer:
         keep = draw_keep(tuple(labels.shape), self.p_drop, self.masking, gen)
         pairs = draw_pairs(self.ci_batch, labels.shape[1], gen)
         if self.ema_decay > 0:  # EMA of the weights as they stand before this step's update
-            with torch.no_grad():
-                for pe, p in zip(self.ema_model.parameters(), self.model.parameters()):
-                    pe.lerp_(p, 1 - self.ema_decay)
+            ema_update(self.ema_model, self.model, self.ema_decay)
         out = coind_loss(self.model, self.schedule, x0, labels, self.null, noise=noise, t=t, keep=keep, pairs=pairs,
                          lam=self.lam)
         guide = out.pop("guide")

@@ -20,6 +20,15 @@ from tqdm.auto import tqdm
 from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (one fused foreach lerp)."""
+    e, m = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    if len(e) != len(m):
+        raise ValueError(f"ema and model must have the same parameters, got {len(e)} and {len(m)}")
+    torch._foreach_lerp_(e, m, 1 - float(decay))
+
+
 def warmup_cosine(step: int, *, lr: float, steps: int, warmup: int | None = None, final: float = 0.1) -> float:
     """Learning rate at ``step``: linear warmup over ``warmup`` steps (default steps // 50), then
     cosine decay from ``lr`` to ``final * lr`` at ``steps``."""

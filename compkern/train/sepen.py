@@ -44,7 +44,7 @@ from compkern.models.shapes import UNET_CONFIG, build_components
 from compkern.models.unet import SDComponents
 from compkern.ops import combine_eps
 from compkern.ops.attention import AttentionAccumulator, attention_losses
-from compkern.train.loop import Trainer
+from compkern.train.loop import Trainer, ema_update
 from compkern.utils.checkpoint import atomic_save, atomic_write_json, load
 
 # ------------------------------------------------------------------------------------------------
@@ -509,11 +509,8 @@ def train_base(parts: SDComponents, world: shapes.ShapesWorld, out_dir: Path, *,
         x_t = schedule.add_noise(x0, noise, t)
         pred = eps_model.raw(x_t, t, cond)
         loss = torch.nn.functional.mse_loss(pred, eps_model.target(x0, noise, t))
-        if step > 0:
-            with torch.no_grad():
-                d = min(ema_decay, (1 + step) / (10 + step))
-                for pe, p in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(p.detach(), 1 - d)
+        if step > 0:  # warmed-up decay: min(decay, (1 + step) / (10 + step))
+            ema_update(ema, unet, min(ema_decay, (1 + step) / (10 + step)))
         return {"loss": loss}
 
     config = {"kind": "sepen-base", "batch": batch, "lr": lr, "cond_drop": cond_drop,
