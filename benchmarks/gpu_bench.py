@@ -23,13 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the subset of `compkern bench ops`")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
+    parser.add_argument("--jsonl", default=None, help="also append one JSON line per timing to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench.py needs a CUDA device", file=sys.stderr)
         return 1
     import triton.testing
 
-    from compkern.experiments.bench import HEADER, RULE, configs, implementations, make_inputs, op_bytes, row
+    from compkern.experiments.bench import (HEADER, RULE, append_jsonl, configs, implementations, make_inputs, op_bytes,
+                                            record, row)
     from compkern.kernels import reference
 
     dev = torch.device("cuda")
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         times = {}
         for name, fn in impls.items():
             times[name] = triton.testing.do_bench(lambda: fn(*inputs), warmup=10, rep=100, return_mode="min") * 1e-3
+            if args.jsonl:
+                append_jsonl(args.jsonl, [record(cfg, name, times[name], floor, device="cuda")])
             line = row(cfg, name, times[name], floor, times.get("compile") if name == "triton" else None, "")
             lines.append(line)
             print(line, flush=True)

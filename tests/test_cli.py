@@ -104,3 +104,21 @@ def test_coind_end_to_end_tiny(tmp_path, capsys):
     assert main(["coind", "sample", str(run), "--digit", "1", "--color", "0", "--n", "2", "--png", str(png)]) == 0
     assert png.stat().st_size > 0
     assert torch.isfinite(torch.tensor(res["best"]["cs_unseen"]))
+
+
+def test_benchmark_rows_are_json_lines(tmp_path):
+    """`compkern bench ops --jsonl F` appends one structured row per timing."""
+    import json
+
+    import torch
+
+    from compkern.experiments.bench import append_jsonl, configs, record
+
+    cfg = configs(full=False)[0]
+    rows = [record(cfg, impl, 2e-3, 1e-3, device="cpu") for impl in ("eager", "cpp")]
+    append_jsonl(str(tmp_path / "b.jsonl"), rows[:1])
+    append_jsonl(str(tmp_path / "b.jsonl"), rows[1:])
+    back = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["impl"] for r in back] == ["eager", "cpp"]
+    assert back[0]["op"] == cfg.op and back[0]["x_floor"] == 2.0 and back[0]["threads"] == torch.get_num_threads()
+    assert {"config", "dtype", "bytes", "device", "commit", "time_s", "floor_s", "peak_mem_bytes"} <= set(back[0])

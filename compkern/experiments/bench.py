@@ -179,6 +179,42 @@ HEADER = "| op | shape | dtype | MB | impl | time ms | floor ms | x floor | vs c
 RULE = "|---|---|---|---:|---|---:|---:|---:|---:|---|"
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def record(cfg: Config, impl: str, seconds: float, floor: float, *, device: str, note: str = "") -> dict:
+    """One structured benchmark row (a JSON line of --jsonl): what was timed, where, and the result.
+    peak_mem_bytes: the device's peak allocation on CUDA, the process's peak RSS on the CPU."""
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"op": cfg.op, "config": cfg.label, "B": cfg.B, "K": cfg.K, "T": cfg.T,
+            "dtype": str(cfg.dtype).replace("torch.", ""), "bytes": op_bytes(cfg), "impl": impl, "device": device,
+            "threads": torch.get_num_threads(), "commit": git_commit(), "torch": torch.__version__,
+            "time_s": seconds, "floor_s": floor, "x_floor": seconds / floor, "peak_mem_bytes": int(peak), "note": note,
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    import json
+
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 def row(cfg: Config, impl: str, seconds: float, floor: float, compile_s: float | None, note: str) -> str:
     vs = f"{compile_s / seconds:.2f}x" if compile_s else ""
     return (f"| {cfg.op} | {cfg.label} | {str(cfg.dtype).replace('torch.', '')} | {op_bytes(cfg) / 1e6:.1f} | {impl} | "
@@ -199,6 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "processes share the cores)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves compile time)")
     parser.add_argument("--results", dest="out", default=None, help="also append the markdown table to this file")
+    parser.add_argument("--jsonl", default=None, help="also append one JSON line per timing to this file "
+                        "(op, config, dtype, bytes, impl, device, threads, commit, time, floor, peak memory)")
     add_alias(parser, "--out", "out")  # old spelling (--out is a folder everywhere else)
 
 
@@ -255,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
         for name, fn in impls.items():
             reps = max(3, args.reps // 3) if name == "eager" else args.reps
             times[name] = time_min(fn, *inputs, reps=reps, clock=args.clock)
+            if getattr(args, "jsonl", None):
+                append_jsonl(args.jsonl, [record(cfg, name, times[name], floor, device="cpu", note=note)])
             line = row(cfg, name, times[name], floor, times.get("compile") if name.startswith(backend) else None, note)
             lines.append(line)
             print(line, flush=True)
