@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from compkern.experiments import demo
+from compkern.data import tasks2d
 from compkern.models import NoiseSchedule
 from compkern.models.mlp import ConditionalMLP
 from compkern.samplers import ComposedEps, ddim_sample
@@ -24,18 +24,18 @@ def main(folder: str, n: int = 1000, hidden: int = 64, depth: int = 3) -> None:
     model.load_state_dict(load(f"{folder}/model/checkpoint.pt")["modules"]["model"])
     model.eval()
     sched = NoiseSchedule.ddpm_linear(1000)
-    comps, bg = demo.complift_components(), demo.background()
+    comps, bg = tasks2d.complift_components(), tasks2d.background()
     g = torch.Generator().manual_seed(1)
     cd, ex = [], []
-    for task in demo.complift_tasks():
+    for task in tasks2d.complift_tasks():
         with torch.no_grad():
             w = task.expr.sample_weights(n, g)
-            x = ddim_sample(ComposedEps(model, [demo.BACKGROUND_ID, *task.classes], w), torch.randn(n, 2, generator=g),
+            x = ddim_sample(ComposedEps(model, [tasks2d.BACKGROUND_ID, *task.classes], w), torch.randn(n, 2, generator=g),
                             sched, num_steps=50, eta=1.0, generator=g)
         lift = torch.stack([comps[c].log_prob(x.double()) - bg.log_prob(x.double()) for c in task.classes]).float()
         keep = task.expr.accept(lift)
-        cd.append(demo.accuracy(task, x, n))
-        ex.append(demo.accuracy(task, x[keep], n))
+        cd.append(tasks2d.accuracy(task, x, n))
+        ex.append(tasks2d.accuracy(task, x[keep], n))
         print(f"{task.name:12s} Composable Diffusion {100 * cd[-1]:5.1f}%   + exact-lift rejection {100 * ex[-1]:5.1f}% "
               f"(kept {100 * keep.float().mean():.0f}%)")
     ok = [v for v in ex if not math.isnan(v)]

@@ -9,6 +9,7 @@ import torch
 
 from compkern.data.toy2d import GaussianMixture
 from compkern.experiments import demo
+from compkern.data import tasks2d
 from compkern.lift.exact import GaussianClassesEps
 from compkern.lift.tempered import tempered_lift
 from compkern.models.schedule import NoiseSchedule
@@ -144,7 +145,7 @@ def _same(a, b):
 
 
 def test_training_resumes_after_a_crash_and_skips_when_finished(tmp_path):
-    ring = demo.complift_components()[0]
+    ring = tasks2d.complift_components()[0]
     ref = _train(tmp_path / "ref", [_Flaky(), ring])
     assert len(ref) == 2 and not _same(ref[:1], ref[1:])
     with pytest.raises(KeyboardInterrupt):  # call 1 is the config checksum, call s + 2 step s: dies in step 12

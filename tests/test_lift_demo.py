@@ -7,22 +7,23 @@ import pytest
 import torch
 
 from compkern.experiments import demo
+from compkern.data import tasks2d
 from compkern.train import loop
 
 
 def test_accuracy_rule_on_exact_composed_samples():
-    tasks = {t.name: t for t in demo.complift_tasks()}
-    comps = demo.complift_components()
+    tasks = {t.name: t for t in tasks2d.complift_tasks()}
+    comps = tasks2d.complift_components()
     g = torch.Generator().manual_seed(0)
     # mixture b: exact samples of either box are all inside; a point between them is not
     x = torch.cat([comps[4].sample(200, g), comps[5].sample(200, g)]).clamp(-1, 1)
     x = x[(x[:, 0] <= -0.5) | (x[:, 0] >= 0.5)]
-    assert demo.accuracy(tasks["mixture_b"], x, len(x)) == 1.0
-    assert demo.accuracy(tasks["mixture_b"], torch.zeros(3, 2), 3) == 0.0
+    assert tasks2d.accuracy(tasks["mixture_b"], x, len(x)) == 1.0
+    assert tasks2d.accuracy(tasks["mixture_b"], torch.zeros(3, 2), 3) == 0.0
     # product a: the two target modes count, the rest of the ring does not
-    assert demo.accuracy(tasks["product_a"], torch.tensor([[0.0, 0.5], [0.05, -0.47], [0.5, 0.0]]), 3) == 2 / 3
+    assert tasks2d.accuracy(tasks["product_a"], torch.tensor([[0.0, 0.5], [0.05, -0.47], [0.5, 0.0]]), 3) == 2 / 3
     # empty target: the fraction rejected
-    assert demo.accuracy(tasks["product_c"], torch.zeros(25, 2), 100) == 0.75
+    assert tasks2d.accuracy(tasks["product_c"], torch.zeros(25, 2), 100) == 0.75
     # expressions name the right classes, in order
     names = [c.name for c in comps]
     for t in tasks.values():

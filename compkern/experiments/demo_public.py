@@ -22,7 +22,7 @@ elbo.py, baselines_2d.py, conf/2d.yaml, scripts/train_2d.sh), and what is scaled
 - lift: lift(x | c) = ELBO(eps_c) - ELBO(0.9 eps_c) (compkern.lift.tempered), 50 trials of one
   random t uniform in [0, 50) and one eps shared by the batch; accept as the public code:
   AND: all lifts > 0, OR: any > 0, NOT: lift <= 0.
-- accuracy: compkern.experiments.demo.accuracy (the public rule; mixture c uses |r - 1| <= 0.1,
+- accuracy: compkern.data.tasks2d.accuracy (the public rule; mixture c uses |r - 1| <= 0.1,
   where the public code's check has no absolute value and counts every point inside a circle).
 
 The components are compkern's (circles of width 0.02, box edges blurred by 0.01), the same as the
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from compkern.experiments import demo
+from compkern.data import tasks2d
 from compkern.lift.tempered import tempered_lift
 from compkern.models.schedule import NoiseSchedule
 from compkern.models.toy_ddpm import ComponentBank, ToyDenoiser
@@ -66,7 +67,7 @@ def train_models(out: Path, classes: list[int], args: argparse.Namespace, schedu
     """One denoiser per component id in ``classes``: {id: EMA model}. Finished models are loaded
     from out/models/<component>.pt (written atomically, with their training configuration); the
     missing ones train together, resumably, in out/train/<their names' hash>."""
-    comps = demo.complift_components()
+    comps = tasks2d.complift_components()
     config = {"hidden": args.hidden, "depth": args.depth, "num_steps": schedule.num_steps, "steps": args.train_steps,
               "batch_size": args.batch_size, "ema": args.ema, "seed": args.seed}
     nets, missing = {}, []
@@ -92,7 +93,7 @@ def train_models(out: Path, classes: list[int], args: argparse.Namespace, schedu
     return nets
 
 
-def run_task(nets: dict[int, ToyDenoiser], schedule: NoiseSchedule, task: demo.Task, args: argparse.Namespace,
+def run_task(nets: dict[int, ToyDenoiser], schedule: NoiseSchedule, task: tasks2d.Task, args: argparse.Namespace,
              g: torch.Generator) -> dict:
     """Generate ``args.n`` samples of the task by the composed separate models, score them."""
     K = len(task.classes)
@@ -105,7 +106,7 @@ def run_task(nets: dict[int, ToyDenoiser], schedule: NoiseSchedule, task: demo.T
            "generation_rows": eps_fn.n_evals, "methods": {}}
 
     def record(name: str, keep: torch.Tensor, rows: int) -> None:
-        res["methods"][name] = {"accuracy": demo.accuracy(task, x[keep], args.n), "accepted": int(keep.sum()),
+        res["methods"][name] = {"accuracy": tasks2d.accuracy(task, x[keep], args.n), "accepted": int(keep.sum()),
                                 "acceptance": float(keep.float().mean()), "lift_rows": int(rows),
                                 "rows_per_decision": rows / (K * args.n)}
 
@@ -124,7 +125,7 @@ def markdown(columns: list[tuple[str, list[dict], str]]) -> str:
     """A markdown table: one row per task, one column per (label, task results, method name),
     cells 'accuracy (kept)', then the group means."""
     expr = {r["task"]: r["expr"] for _, rs, _ in columns for r in rs}
-    tasks = [t.name for t in demo.complift_tasks() if t.name in expr]
+    tasks = [t.name for t in tasks2d.complift_tasks() if t.name in expr]
     by = [({r["task"]: r for r in rs}, m) for _, rs, m in columns]
     lines = ["| task | expression | " + " | ".join(label for label, _, _ in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if not 1 <= args.sample_steps <= PUBLIC_STEPS:
         raise ValueError(f"--sample-steps must lie in [1, {PUBLIC_STEPS}] (the public schedule), got {args.sample_steps}")
-    tasks = demo.select_tasks(args.tasks)
+    tasks = tasks2d.select_tasks(args.tasks)
     schedule = NoiseSchedule.ddpm_linear(PUBLIC_STEPS)
     classes = sorted({c for t in tasks for c in t.classes})
     nets = train_models(out, classes, args, schedule)
