@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from compkern.experiments import demo
+from compkern.experiments import demo, demo_report
 from compkern.data import tasks2d
 from compkern.train import loop
 
@@ -47,17 +47,17 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     res = json.loads((tmp_path / "d" / "results.json").read_text())
     assert [t["task"] for t in res["tasks"]] == ["product_c", "negation_a"]
     for t in res["tasks"]:
-        assert set(t["methods"]) == set(demo.METHODS)
+        assert set(t["methods"]) == set(demo_report.METHODS)
         assert t["methods"]["composable diffusion"]["acceptance"] == 1.0
         for m in t["methods"].values():
             assert math.isnan(m["accuracy"]) or 0.0 <= m["accuracy"] <= 1.0  # NaN: nothing accepted to score
     # the printed 'mean all' row is the mean over tasks of each method's accuracy, as computed here
     expected = {}
-    for m in demo.METHODS:
+    for m in demo_report.METHODS:
         accs = [t["methods"][m]["accuracy"] for t in res["tasks"] if not math.isnan(t["methods"][m]["accuracy"])]
         expected[m] = sum(accs) / len(accs) if accs else float("nan")
         assert res["summary"]["all"][m] == pytest.approx(expected[m], abs=1e-12, nan_ok=True)
-    assert _mean_row(out, "all") == pytest.approx([round(100 * expected[m], 1) for m in demo.METHODS], abs=0.051,
+    assert _mean_row(out, "all") == pytest.approx([round(100 * expected[m], 1) for m in demo_report.METHODS], abs=0.051,
                                                   nan_ok=True)
     assert res["rows_per_decision"]["+ CompLift 50 trials"] == 75.0  # 50 trials x (K+1 = 3) / K = 2
     assert (tmp_path / "d" / "samples.png").stat().st_size > 1000

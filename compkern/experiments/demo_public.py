@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from compkern.experiments import demo
+from compkern.experiments import demo_report
 from compkern.data import tasks2d
 from compkern.lift.tempered import tempered_lift
 from compkern.models.schedule import NoiseSchedule
@@ -166,24 +166,24 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     results = [run_task(nets, schedule, t, args, g) for t in tqdm(tasks, desc="tasks", disable=args.no_progress)]
     methods = METHODS + ([FULL_METHOD] if args.full else [])
-    table, summary = demo._table(results, methods)
+    table, summary = demo_report.table(results, methods)
     print(table)
-    print(f"\npaper (Yu & Gao 2025, 2-D average): Composable Diffusion {100 * demo.PAPER['composable diffusion']:.1f}% -> "
-          f"+ CompLift {100 * demo.PAPER['+ CompLift']:.1f}%")
-    demo._plot(results, out / "samples.png", METHODS[1])
+    print(f"\npaper (Yu & Gao 2025, 2-D average): Composable Diffusion {100 * demo_report.PAPER['composable diffusion']:.1f}% -> "
+          f"+ CompLift {100 * demo_report.PAPER['+ CompLift']:.1f}%")
+    demo_report.plot(results, out / "samples.png", METHODS[1])
     tasks_json = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     columns = [(f"public: {m}", tasks_json, m) for m in methods]
     if args.compare:
         import json
         other = json.loads(Path(args.compare).read_text())
         names = other["tasks"][0]["methods"]  # sorted by name in the JSON: list them in the demo's order
-        names = [m for m in demo.METHODS if m in names] + [m for m in names if m not in demo.METHODS]
+        names = [m for m in demo_report.METHODS if m in names] + [m for m in names if m not in demo_report.METHODS]
         columns = [(f"compkern: {m}", other["tasks"], m) for m in names] + columns
     md = markdown(columns)
     (out / "results.md").write_text(md)
     seconds = {"train_or_load": t_train, "total": time.time() - t_start}
-    payload = {"config": dict(vars(args)), "paper": demo.PAPER, "summary": summary,
-               "rows_per_decision": {m: demo._rows_per_decision(results, m) for m in methods},
+    payload = {"config": dict(vars(args)), "paper": demo_report.PAPER, "summary": summary,
+               "rows_per_decision": {m: demo_report.rows_per_decision(results, m) for m in methods},
                "tasks": tasks_json, "seconds": seconds}
     atomic_write_json(payload, out / "results.json")
     print(f"\nwrote {out / 'samples.png'}, {out / 'results.md'} and {out / 'results.json'} ({seconds['total']:.0f}s)")
