@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from compkern.data import tasks2d
+from compkern.lift import tasks2d
 from compkern.models import NoiseSchedule
 from compkern.models.mlp import ConditionalMLP
 from compkern.samplers import ComposedEps, ddim_sample

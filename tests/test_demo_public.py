@@ -9,7 +9,7 @@ import torch
 
 from compkern.data.toy2d import GaussianMixture
 from compkern.experiments import demo
-from compkern.data import tasks2d
+from compkern.lift import tasks2d
 from compkern.lift.exact import GaussianClassesEps
 from compkern.lift.tempered import tempered_lift
 from compkern.models.schedule import NoiseSchedule

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compkern.experiments import demo, demo_report
-from compkern.data import tasks2d
+from compkern.lift import tasks2d
 from compkern.train import loop
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from compkern.data.tasks2d import BACKGROUND_ID, Task, accuracy, background, complift_components, select_tasks
+from compkern.lift.tasks2d import BACKGROUND_ID, Task, accuracy, background, complift_components, select_tasks
 from compkern.experiments import demo_report
 from compkern.lift import calibrate, estimate_lift
 from compkern.lift.tempered import tempered_lift

@@ -22,7 +22,7 @@ elbo.py, baselines_2d.py, conf/2d.yaml, scripts/train_2d.sh), and what is scaled
 - lift: lift(x | c) = ELBO(eps_c) - ELBO(0.9 eps_c) (compkern.lift.tempered), 50 trials of one
   random t uniform in [0, 50) and one eps shared by the batch; accept as the public code:
   AND: all lifts > 0, OR: any > 0, NOT: lift <= 0.
-- accuracy: compkern.data.tasks2d.accuracy (the public rule; mixture c uses |r - 1| <= 0.1,
+- accuracy: compkern.lift.tasks2d.accuracy (the public rule; mixture c uses |r - 1| <= 0.1,
   where the public code's check has no absolute value and counts every point inside a circle).
 
 The components are compkern's (circles of width 0.02, box edges blurred by 0.01), the same as the
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from compkern.experiments import demo_report
-from compkern.data import tasks2d
+from compkern.lift import tasks2d
 from compkern.lift.tempered import tempered_lift
 from compkern.models.schedule import NoiseSchedule
 from compkern.models.toy_ddpm import ComponentBank, ToyDenoiser

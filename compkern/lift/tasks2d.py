@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from compkern.data.toy2d import Circle, Distribution2D, GaussianMixture, SoftBox
-from compkern.lift import Expr, parse
+from compkern.lift.expr import Expr, parse
 
 BACKGROUND_ID = 11  # the background's class id after the eleven components
 
