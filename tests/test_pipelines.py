@@ -499,6 +499,7 @@ def test_pixel_space_folder_runs_through_the_pipeline_and_generate(pixel_path, t
     (["--early-reject", "1.5"], "--early-reject"),
     (["--early-reject", "0.9", "--pilot", "0"], "--pilot"),
     (["--early-reject", "0.9", "--lift", "none"], "--early-reject"),
+    (["--early-reject", "0.9", "--early-check", "1.0"], "--early-check"),
 ])
 def test_generate_bad_input_names_the_argument(sd_path, tmp_path, argv, match):
     base = {"--prompt": "a cat AND NOT a dog", "--n": "1"}

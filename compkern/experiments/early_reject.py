@@ -30,7 +30,7 @@ from compkern.pipelines import early_reject as ER
 from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
 
-_FROZEN = ("world", "prompts", "n", "pilot", "confidence", "steps", "guidance", "eta", "seed", "batch_size")
+_FROZEN = ("world", "prompts", "n", "pilot", "confidence", "steps", "guidance", "eta", "seed", "batch_size", "check_at")
 
 
 def _run_seeds(pipe, comp, seeds: list[int], opts, rule) -> dict:
@@ -97,7 +97,7 @@ def run_cell(pipe, detector, expr: str, objs: list[int], cfg: dict, model: str) 
     comp = parse_composition(expr)
     opts = GenerateOptions(model=model, prompt=expr, out="", steps=cfg["steps"], guidance=cfg["guidance"], eta=cfg["eta"],
                            seed=cfg["seed"], batch_size=cfg["batch_size"], dtype="fp32", device="cpu", progress=False)
-    checks = ER.default_checks(cfg["steps"])
+    checks = ER.default_checks(cfg["steps"], cfg["check_at"])
     off = ER.EarlyRejectRule(checks, (-math.inf,) * len(checks), 1.0)
     n, seed = cfg["n"], cfg["seed"]
     pilot = _pilot(pipe, comp, seed + n, opts, off, cfg["pilot"], ER.min_pilot_accepts(cfg["confidence"], len(checks)))
@@ -213,6 +213,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=24, help="evaluated seeds per prompt (--seed ... --seed + n - 1)")
     p.add_argument("--pilot", type=int, default=48, help="pilot images per prompt (the seeds after the evaluated ones)")
     p.add_argument("--confidence", type=float, default=0.95, help="--early-reject of `compkern generate`")
+    p.add_argument("--check-at", type=float, default=ER.CHECK_AT, help="--early-check of `compkern generate`")
     p.add_argument("--batch-size", type=int, default=8)
     add_sample_steps(p, 50, dest="steps")
     p.add_argument("--guidance", type=float, default=3.0)

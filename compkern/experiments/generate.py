@@ -13,6 +13,7 @@ import argparse
 import json
 
 from compkern.experiments._args import add_progress, add_sample_steps, set_threads
+from compkern.pipelines import early_reject as ER
 from compkern.pipelines import lift_maps as LM
 from compkern.pipelines.composition import GENERATE_MODES
 from compkern.pipelines.generate import LIFTS, GenerateOptions, generate
@@ -69,10 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-attempts", type=int, default=None, help="stop after this many images (default 20 x n)")
     p.add_argument("--save-rejected", action="store_true", help="also write rejected images and their maps")
     p.add_argument("--early-reject", type=float, default=None, metavar="CONFIDENCE",
-                   help="stop sampling an image whose partial lift after 40%% of the steps says it will be rejected; "
+                   help="stop sampling an image whose partial lift after --early-check of the steps says it will be rejected; "
                         "a finally-accepted image survives with probability >= CONFIDENCE (in (0.5, 1]), the rule "
                         "calibrated on the first --pilot images (sampled to the end); default off")
     p.add_argument("--pilot", type=int, default=64, help="--early-reject: images sampled in full to calibrate the rule")
+    p.add_argument("--early-check", type=float, default=ER.CHECK_AT,
+                   help="--early-reject: the check, a fraction of the steps (default %(default)s)")
     p.add_argument("--no-overlays", action="store_true", help="do not write lift-map overlay PNGs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     add_progress(p)

@@ -45,9 +45,15 @@ def min_pilot_accepts(confidence: float, n_checks: int = 1) -> int:
     return 0 if alpha <= 0 else max(0, math.ceil(1 / alpha - 1 - 1e-9))
 
 
-def default_checks(num_steps: int) -> tuple[int, ...]:
-    """One check after 40% of the steps (20 of 50): the shapes world's probe, benchmarks/RESULTS.md."""
-    return (max(1, min(num_steps - 1, round(0.4 * num_steps))),)
+CHECK_AT = 0.4  # the default check, a fraction of the steps
+
+
+def default_checks(num_steps: int, at: float = CHECK_AT) -> tuple[int, ...]:
+    """One check after the fraction ``at`` of the steps (default 0.4: 20 of 50, where the shapes
+    world's probe separated the images best; benchmarks/RESULTS.md)."""
+    if not 0 < at < 1:
+        raise ValueError(f"the check (--early-check) must be a fraction of the steps in (0, 1), got {at}")
+    return (max(1, min(num_steps - 1, round(at * num_steps))),)
 
 
 def check_checks(checks: Sequence[int], num_steps: int) -> tuple[int, ...]:

@@ -57,7 +57,8 @@ from compkern.utils.run_folder import RunFolder
 
 # settings that change which images are accepted: a resumed run must match them
 _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift", "record_every",
-           "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype", "early_reject", "pilot")
+           "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype", "early_reject", "pilot",
+           "early_check")
 
 
 @dataclass
@@ -89,6 +90,7 @@ class GenerateOptions:
     max_attempts: int | None = None
     early_reject: float | None = None  # confidence; None: every image sampled to the end
     pilot: int = 64
+    early_check: float = ER.CHECK_AT
     save_rejected: bool = False
     no_overlays: bool = False
     progress: bool = True
@@ -209,6 +211,7 @@ def generate(args: GenerateOptions) -> dict | None:
             raise ValueError("--early-reject needs a lift to predict (not --lift none)")
         if args.steps < 2:
             raise ValueError(f"--early-reject needs --steps >= 2 (a check between the first and the last), got {args.steps}")
+        ER.default_checks(args.steps, args.early_check)
     model = Path(args.model)
     if not (model / "unet").is_dir():
         raise ValueError(f"--model {args.model}: not a diffusers folder with a unet/ subfolder")
@@ -224,7 +227,8 @@ def generate(args: GenerateOptions) -> dict | None:
                              "or NOT), so no joint caption; use --target noise")
         cfg = {k: getattr(args, k) for k in _FROZEN if k not in ("model", "dtype")}
         cfg.update(model=str(Path(args.model).resolve()), dtype=dtype, n=args.n, components=list(comp.components),
-                   signs=list(comp.signs), world_size=dist.world, pilot=args.pilot if args.early_reject is not None else None)
+                   signs=list(comp.signs), world_size=dist.world,
+                   **{k: getattr(args, k) if args.early_reject is not None else None for k in ("pilot", "early_check")})
         if dist.rank == 0:
             RunFolder(out, cfg, keys=_FROZEN)
             (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -237,7 +241,7 @@ def generate(args: GenerateOptions) -> dict | None:
         accepted_total = sum(r["accepted"] for s in done.values() for r in s["records"])
         max_attempts = args.max_attempts or 20 * args.n
         pending = [j for j in range(math.ceil(max_attempts / args.batch_size)) if j not in done]
-        checks = ER.default_checks(args.steps)
+        checks = ER.default_checks(args.steps, args.early_check)
         bar = tqdm(total=args.n, initial=min(accepted_total, args.n), desc="accepted", disable=dist.rank != 0 or not getattr(args, "progress", True))
         seen: dict = {}  # rank 0's shard cache for the per-round manifest merge
 
