@@ -156,3 +156,12 @@ def test_min_pilot_accepts_is_where_the_checks_turn_on(confidence, n_checks):
                                     checks, confidence)
     assert all(math.isfinite(t) for t in on.thresholds) and all(t == -math.inf for t in off.thresholds)
     assert min_pilot_accepts(1.0) == 0
+
+
+def test_early_rejection_of_an_and_generated_composed_records_the_joint_row(sd):
+    """The partial margin of a pure AND needs the joint caption's row even where generation does
+    not use it (--generate composed)."""
+    comp = parse_composition("a black car AND a white clock")
+    res = sd(comp, seeds=[0, 1], num_inference_steps=4, generate="composed", output_type="latent",
+             early_reject=EarlyRejectRule((2,), (-math.inf,), 1.0))
+    assert torch.isfinite(res.margins).all() and res.alive.all()

@@ -417,7 +417,9 @@ class CompositionPipeline:
         comp = prompt if isinstance(prompt, Composition) else parse_composition(prompt)
         if comp.joint is None:
             generate = "composed"
-        with_joint = generate == "joint" if record_joint is None else bool(record_joint)
+        if record_joint is None:  # the joint row is there when generating from it or predicting with it
+            record_joint = generate == "joint" or (early_reject is not None and comp.joint is not None)
+        with_joint = bool(record_joint)
         comp, emb = self.prepare(comp, negative_prompt=negative_prompt, height=height, width=width, with_joint=with_joint)
         seeds = [int(s) for s in seeds]
         if not seeds and latents is None:

@@ -82,7 +82,9 @@ class ContinuousSampler:
         comp = parse_composition(prompt) if isinstance(prompt, str) else prompt
         if comp.joint is None:
             generate = "composed"
-        with_joint = generate == "joint" if record_joint is None else bool(record_joint)
+        if record_joint is None:  # the joint row is there when generating from it or predicting with it
+            record_joint = generate == "joint" or (early_reject is not None and comp.joint is not None)
+        with_joint = bool(record_joint)
         self.comp, emb = pipe.prepare(comp, negative_prompt=negative_prompt, height=height, width=width,
                                       with_joint=with_joint)
         self.pipe, self.slots, self.S, self.eta = pipe, int(slots), int(num_inference_steps), float(eta)
