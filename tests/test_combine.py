@@ -289,3 +289,30 @@ def test_cpp_recycles_large_fresh_outputs():
     assert mod.combine_eps_pool_bytes() <= 4 * (4 << 20)  # at most 4 buffers kept
     mod.combine_eps_pool_clear()
     assert mod.combine_eps_pool_bytes() == 0
+
+
+def test_perp_neg_takes_the_negative_direction_off_the_positive_one():
+    """Perp-Neg on synthetic predictions whose answer is known by hand, and its invariants."""
+    from compkern.samplers.composed import compose_eps, perp_neg_eps
+
+    e0 = torch.tensor([[0.5, -0.5]])
+    pos, neg = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    preds = torch.stack([e0, e0 + pos, e0 + neg])  # (3, 1, 2): base, A, B
+    out = perp_neg_eps(preds, torch.tensor([2.0, -1.0]))  # A AND NOT B, weights 2, -1
+    # p = 2 (1, 0); B's direction (1, 1) off p is (0, 1): eps = e0 + (2, 0) - (0, 1)
+    assert torch.allclose(out, e0 + torch.tensor([[2.0, -1.0]]))
+    # the linear NOT would also have pulled against A: e0 + (2, 0) - (1, 1)
+    assert torch.allclose(compose_eps(preds, torch.tensor([2.0, -1.0])), e0 + torch.tensor([[1.0, -1.0]]))
+    g = torch.Generator().manual_seed(0)
+    preds = torch.randn(4, 3, 2, 5, 5, generator=g)
+    w = torch.tensor([[1.5, 0.5, -1.0], [2.0, 0.0, -0.5], [1.0, 1.0, 0.0]])  # per sample (B, K)
+    out = perp_neg_eps(preds, w)
+    d = preds[1:] - preds[0]
+    p = (w.T.clamp(min=0)[..., None, None, None] * d).sum(0)
+    # along the positive direction the result is exactly eps_0 + p: the NOT adds nothing there
+    along = ((out - preds[0] - p) * p).flatten(1).sum(1)
+    assert torch.allclose(along, torch.zeros(3), atol=1e-4)
+    # without a negative weight it is the linear composition
+    assert torch.allclose(out[2], compose_eps(preds, w)[2], atol=1e-5)
+    with pytest.raises(ValueError, match="negation"):
+        compose_eps(preds, w, "orthogonal")

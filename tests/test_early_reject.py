@@ -165,3 +165,19 @@ def test_early_rejection_of_an_and_generated_composed_records_the_joint_row(sd):
     res = sd(comp, seeds=[0, 1], num_inference_steps=4, generate="composed", output_type="latent",
              early_reject=EarlyRejectRule((2,), (-math.inf,), 1.0))
     assert torch.isfinite(res.margins).all() and res.alive.all()
+
+
+def test_perpendicular_negation_in_the_pipeline_and_the_continuous_sampler(sd):
+    """--negation perp changes a NOT prompt's images, not a pure AND's; both samplers agree."""
+    from compkern.pipelines.continuous import ContinuousSampler
+
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, eta=1.0)
+    for prompt, differs in (("a black car AND NOT a dog", True), ("a black car AND a white clock", False)):
+        lin = sd(prompt, seeds=[0, 1, 2], output_type="latent", **kw)
+        perp = sd(prompt, seeds=[0, 1, 2], output_type="latent", negation="perp", **kw)
+        assert (not torch.allclose(lin.latents, perp.latents, atol=1e-4)) is differs
+        cont = list(ContinuousSampler(sd, prompt, slots=2, negation="perp", **kw).run([0, 1, 2]))
+        by = {r.seed: r.latents for r in cont}
+        assert torch.allclose(torch.stack([by[s] for s in (0, 1, 2)]), perp.latents, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="negation"):
+        sd("a cat AND NOT a dog", seeds=[0], num_inference_steps=2, output_type="latent", negation="orthogonal")

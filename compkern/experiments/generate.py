@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate", default="joint", choices=list(GENERATE_MODES),
                    help="joint: guidance on the joint caption of the required components (\"a cat and a dog\"), the "
                         "other components composed; composed: Composable Diffusion over every component")
+    p.add_argument("--negation", default="linear", choices=["linear", "perp"],
+                   help="how a NOT term guides: linear (a negative weight, Composable Diffusion) or perp "
+                        "(perpendicular negation, Perp-Neg: only the part of its direction off the positive one)")
     p.add_argument("--lift", default="auto", choices=list(LIFTS),
                    help="auto (default): cached where the target is the joint caption (a pure AND), public with "
                         "--trials otherwise; "

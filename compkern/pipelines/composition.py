@@ -234,9 +234,9 @@ class _EarlyStop:
     """ddim_sample's on_step for early rejection: at each check, the partial margins of the images
     still running, the rule's verdict, and the bookkeeping of who stopped where."""
 
-    def __init__(self, rule, comp, eps_fn, x_T, schedule, weights, record_every, clip_x0, num_steps):
+    def __init__(self, rule, comp, eps_fn, x_T, schedule, weights, record_every, clip_x0, num_steps, negation):
         self.rule, self.comp, self.eps_fn, self.num_steps = rule, comp, eps_fn, num_steps
-        self.kw = dict(record_every=record_every, schedule=schedule, weights=weights, clip_x0=clip_x0)
+        self.kw = dict(record_every=record_every, schedule=schedule, weights=weights, clip_x0=clip_x0, negation=negation)
         B = x_T.shape[0]
         self.latents = x_T.clone().float()  # where each image stopped (the alive ones filled at the end)
         self.alive = torch.ones(B, dtype=torch.bool)
@@ -395,7 +395,7 @@ class CompositionPipeline:
                  height: int | None = None, width: int | None = None, chunk_size: int | str | None = None,
                  record: bool = True, record_every: int = 1, output_type: str = "pil",
                  latents: torch.Tensor | None = None, progress: bool = False,
-                 early_reject=None) -> CompositionOutput:
+                 early_reject=None, negation: str = "linear") -> CompositionOutput:
         """Generate len(seeds) images of the composed prompt.
 
         generate: 'joint' (default; classifier-free guidance on the joint caption of the required
@@ -409,7 +409,8 @@ class CompositionPipeline:
         weighs). ``chunk_size`` caps the UNet rows per call (None: all rows at once; "auto": start
         there and halve on out-of-memory). early_reject: an ``early_reject.EarlyRejectRule``; at each
         of its checks the images whose partial margin is below its threshold stop (``alive``); without
-        ``record`` the steps up to the last check are recorded for it (and nothing after)."""
+        ``record`` the steps up to the last check are recorded for it (and nothing after). negation:
+        'linear' (a NOT is a negative weight) or 'perp' (perpendicular negation, ``perp_neg_eps``)."""
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if generate not in GENERATE_MODES:
@@ -445,9 +446,10 @@ class CompositionPipeline:
                 check_checks(early_reject.checks, num_inference_steps)
                 until = None if record else early_reject.checks[-1]
             eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=rows,
-                                 record=record or early_reject is not None, record_every=record_every, record_until=until)
+                                 record=record or early_reject is not None, record_every=record_every, record_until=until,
+                                 negation=negation)
             stop = None if early_reject is None else _EarlyStop(early_reject, comp, eps_fn, x_T, self.schedule, weights,
-                                                                record_every, clip_x0, num_inference_steps)
+                                                                record_every, clip_x0, num_inference_steps, negation)
             try:
                 x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
                                  progress=progress, generator=gens if eta > 0 else None,

@@ -23,8 +23,7 @@ from typing import Iterable, Iterator
 import torch
 
 from compkern.models.base import evaluate_conditions
-from compkern.ops import combine_eps
-from compkern.samplers.composed import StepRecord
+from compkern.samplers.composed import NEGATIONS, StepRecord, compose_eps
 from compkern.samplers.diffusion import ddim_step
 
 
@@ -70,13 +69,17 @@ class ContinuousSampler:
     def __init__(self, pipe, prompt, *, slots: int = 8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: str = "", eta: float = 0.0, generate: str = "joint", record_joint: bool | None = None,
                  record: bool = True, record_every: int = 1, early_reject=None, clip_x0: float | str | None = "auto",
-                 height: int | None = None, width: int | None = None, chunk_size: int | None = None):
+                 height: int | None = None, width: int | None = None, chunk_size: int | None = None,
+                 negation: str = "linear"):
         from compkern.pipelines.composition import GENERATE_MODES, parse_composition
 
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if record_every < 1:
             raise ValueError(f"record_every must be >= 1, got {record_every}")
+        if negation not in NEGATIONS:
+            raise ValueError(f"negation must be one of {NEGATIONS}, got {negation!r}")
+        self.negation = negation
         if generate not in GENERATE_MODES:
             raise ValueError(f"generate must be one of {GENERATE_MODES}, got {generate!r}")
         comp = parse_composition(prompt) if isinstance(prompt, str) else prompt
@@ -121,7 +124,7 @@ class ContinuousSampler:
             ids = rows.to(x.device)[:, None].expand(len(rows), len(idx))
             preds = evaluate_conditions(self.model, x[idx], t[idx], ids, chunk_size=self.chunk_size)
             w = self.weights if len(rows) == self.R else self.weights[rows[1:] - 1]
-            eps[idx] = combine_eps(preds, w).to(x.dtype)
+            eps[idx] = compose_eps(preds, w, self.negation).to(x.dtype)
             self.n_evals += preds.shape[0] * preds.shape[1]
             for j, i in enumerate(idx.tolist()):
                 active[i].rows += preds.shape[0]
@@ -142,7 +145,7 @@ class ContinuousSampler:
                 continue
             rec = stack_record([g.result() for g in group])
             m = partial_margins(self.comp, rec, (s_check,), record_every=self.record_every, schedule=self.pipe.schedule,
-                                weights=self.weights, clip_x0=self.clip_x0)[0].cpu()
+                                weights=self.weights, clip_x0=self.clip_x0, negation=self.negation)[0].cpu()
             keep = self.rule.keep(i, m)
             for g, mi, k in zip(group, m.tolist(), keep.tolist()):
                 g.margins[i] = mi

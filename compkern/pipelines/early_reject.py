@@ -65,10 +65,10 @@ def check_checks(checks: Sequence[int], num_steps: int) -> tuple[int, ...]:
 
 
 def partial_maps(comp, record, s: int, *, record_every: int = 1, schedule=None, weights: torch.Tensor | None = None,
-                 clip_x0: float | None = None) -> LM.LiftMaps:
+                 clip_x0: float | None = None, negation: str = "linear") -> LM.LiftMaps:
     """Lift maps (K, B, h, w) from the steps of ``record`` taken before step ``s`` (record_every:
     the record's step spacing). Pure AND: joint target; else noise against the predicted x0 of
-    the last of those steps (needs ``schedule`` and the generation ``weights`` (R - 1,))."""
+    the last of those steps (needs ``schedule``, the generation ``weights`` (R - 1,) and its ``negation``)."""
     n_rec = math.ceil(s / record_every)
     if not 1 <= n_rec <= len(record):
         raise ValueError(f"check after {s} steps needs recorded steps 0..{n_rec - 1}; the record holds {len(record)}")
@@ -78,11 +78,11 @@ def partial_maps(comp, record, s: int, *, record_every: int = 1, schedule=None, 
         return LM.cached_lift_maps(record, signs, target="joint", joint_row=comp.joint_row, steps=steps)
     if schedule is None or weights is None:
         raise ValueError("a partial noise-target map needs the schedule and the generation weights")
-    from compkern.ops import combine_eps
+    from compkern.samplers.composed import compose_eps
 
     j = n_rec - 1
     x_t, t, preds = record.x_t[j], record.t[j], record.preds[j]
-    x0 = schedule.eps_to_x0(x_t.float(), combine_eps(preds, weights.to(preds.device)).float(), t)
+    x0 = schedule.eps_to_x0(x_t.float(), compose_eps(preds, weights.to(preds.device), negation).float(), t)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
     return LM.cached_lift_maps(record, signs, target="noise", latents=x0, schedule=schedule, steps=steps)

@@ -58,7 +58,7 @@ from compkern.utils.run_folder import RunFolder
 # settings that change which images are accepted: a resumed run must match them
 _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift", "record_every",
            "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype", "early_reject", "pilot",
-           "early_check")
+           "early_check", "negation")
 
 
 @dataclass
@@ -79,6 +79,7 @@ class GenerateOptions:
     height: int | None = None
     width: int | None = None
     generate: str = "joint"
+    negation: str = "linear"
     lift: str = "auto"
     target: str = "auto"
     record_every: int | None = None  # None: record_every_default
@@ -228,7 +229,8 @@ def generate(args: GenerateOptions) -> dict | None:
         cfg = {k: getattr(args, k) for k in _FROZEN if k not in ("model", "dtype")}
         cfg.update(model=str(Path(args.model).resolve()), dtype=dtype, n=args.n, components=list(comp.components),
                    signs=list(comp.signs), world_size=dist.world,
-                   **{k: getattr(args, k) if args.early_reject is not None else None for k in ("pilot", "early_check")})
+                   **{k: getattr(args, k) if args.early_reject is not None else None for k in ("pilot", "early_check")},
+                   negation=None if args.negation == "linear" else args.negation)  # None: folders made before the option
         if dist.rank == 0:
             RunFolder(out, cfg, keys=_FROZEN)
             (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -375,7 +377,7 @@ def _sample_kwargs(comp, args) -> dict:
     from the record: one definition for the batch pipeline and the continuous sampler."""
     cached = resolve_lift(comp, args.lift, args.target) == "cached"
     return dict(num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                eta=args.eta, generate=args.generate, record_joint=(cached and _uses_joint(comp, args.target)) or None,
+                eta=args.eta, generate=args.generate, negation=args.negation, record_joint=(cached and _uses_joint(comp, args.target)) or None,
                 height=args.height, width=args.width, record=cached,
                 record_every=args.record_every or record_every_default(comp, args.target))
 

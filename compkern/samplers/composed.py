@@ -29,8 +29,46 @@ class StepRecord:
         return len(self.t)
 
 
+NEGATIONS = ("linear", "perp")
+
+
+def perp_neg_eps(preds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Perpendicular negation (Perp-Neg, Armandpour et al. 2023): preds (R, B, *S), rows [base,
+    conditions...], weights (R-1,) or (B, R-1) -> eps (B, *S) in fp32:
+
+        p = sum_{w_k > 0} w_k d_k,   d_k = eps_k - eps_0   (the positive direction, per sample)
+        eps = eps_0 + p + sum_{w_k < 0} w_k (d_k - <d_k, p> / |p|^2 p)
+
+    each negative direction taken off its component along the positive one, so a NOT pushes away
+    from what only the negative prompt has and never against the positive prompt itself (where
+    |p| = 0 nothing is projected). Plain torch (a few reductions per sample)."""
+    x = preds.float()
+    w = weights.float().to(x.device)
+    w = w.expand(x.shape[1], -1) if w.dim() == 1 else w  # (B, R-1)
+    d = x[1:] - x[0]  # (R-1, B, *S)
+    shape = (w.shape[1], w.shape[0]) + (1,) * (x.dim() - 2)
+    wk = w.T.reshape(shape)
+    pos = (wk.clamp(min=0) * d).sum(0)  # (B, *S)
+    flat = pos.flatten(1)
+    norm2 = (flat * flat).sum(1)
+    dots = (d.flatten(2) * flat[None]).sum(2)  # (R-1, B)
+    coef = torch.where(norm2 > 0, dots / norm2.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(dots))
+    perp = d - coef.reshape(coef.shape + (1,) * (x.dim() - 2)) * pos[None]
+    return x[0] + pos + (wk.clamp(max=0) * perp).sum(0)
+
+
+def compose_eps(preds: torch.Tensor, weights: torch.Tensor, negation: str = "linear", backend: str = "auto") -> torch.Tensor:
+    """The composed eps of preds (R, B, *S): 'linear' = combine_eps (Composable Diffusion; NOT is a
+    negative weight), 'perp' = perp_neg_eps."""
+    if negation == "linear":
+        return combine_eps(preds, weights, backend=backend)
+    if negation == "perp":
+        return perp_neg_eps(preds, weights).to(preds.dtype)
+    raise ValueError(f"negation must be one of {NEGATIONS}, got {negation!r}")
+
+
 class ComposedEps:
-    """eps_fn(x_t (B, *S), t (B,)) -> combine_eps(evaluate_conditions(model, x_t, t, conds), weights).
+    """eps_fn(x_t (B, *S), t (B,)) -> compose_eps(evaluate_conditions(model, x_t, t, conds), weights, negation).
 
     Rows no weight uses (weight 0 for every sample) are evaluated only where they are kept:
     record=True keeps (x_t, t, preds of every condition row) of every ``record_every``-th call
@@ -39,10 +77,13 @@ class ComposedEps:
 
     def __init__(self, model: EpsModel, conds: Any, weights: torch.Tensor, *, chunk_size: int | None = None,
                  record: bool = False, record_every: int = 1, record_until: int | None = None, backend: str = "auto",
+                 negation: str = "linear",
                  output_to_eps: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         if int(record_every) < 1:
             raise ValueError(f"record_every must be >= 1, got {record_every}")
-        self.model, self.conds, self.chunk_size, self.backend = model, conds, chunk_size, backend
+        if negation not in NEGATIONS:
+            raise ValueError(f"negation must be one of {NEGATIONS}, got {negation!r}")
+        self.model, self.conds, self.chunk_size, self.backend, self.negation = model, conds, chunk_size, backend, negation
         self.weights = torch.as_tensor(weights, dtype=torch.float32)
         self.output_to_eps = output_to_eps  # e.g. schedule.v_to_eps for v-prediction models
         self.record = StepRecord() if record else None
@@ -79,7 +120,7 @@ class ComposedEps:
                 [self.conds[i] for i in used.tolist()]
             preds = self._evaluate(x_t, t, conds)
             weights = self.weights[..., used[1:] - 1]
-        return combine_eps(preds, weights.to(preds.device), backend=self.backend)
+        return compose_eps(preds, weights.to(preds.device), self.negation, backend=self.backend)
 
     def select(self, keep: torch.Tensor) -> None:
         """Narrow every per-sample state to the samples of the (B,) bool mask ``keep`` (early
