@@ -139,3 +139,9 @@ def test_early_reject_benchmark_runs_resumes_and_counts(world, tmp_path):
         main([*args, "--confidence", "0.9"])
     with pytest.raises(ValueError, match="early-reject"):
         main([*args[:4], "--out", str(tmp_path / "bad"), "--confidence", "0.4"])
+
+
+def test_not_perp_is_the_not_suite_generated_with_perpendicular_negation():
+    world = shapes.ShapesWorld(pair_fraction=0.02, naming="nouns", extra_fraction=0.5)
+    assert MJ.suite_prompts(world, "not_perp", 9) == MJ.suite_prompts(world, "not", 9)
+    assert MJ.SUITE_NEGATION == {"not_perp": "perp"}

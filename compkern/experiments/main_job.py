@@ -11,7 +11,8 @@ saved diffusers folder (pixel space, no VAE) and the lift maps of `compkern gene
 
 Suites (expressions over the world's one-word objects): AND of a seen pair, AND of a held-out
 pair, A AND NOT companion(A) (A's caption often draws its companion) generated with the NOT
-guiding away and, as "not_filter", generated from A alone (weight 0*: the NOT only filters),
+guiding away (and as "not_perp" with perpendicular negation, Perp-Neg) and, as "not_filter",
+generated from A alone (weight 0*: the NOT only filters),
 A OR B, and A AND B AND NOT companion(A). A cell is (suite, prompt): ``--n`` candidates (seeds 0..n-1)
 generated once, with the generation of `compkern generate` (guidance on the joint caption, the
 other terms composed; OR: composed), every method scoring the same candidates:
@@ -61,7 +62,9 @@ from compkern.pipelines import lift_maps as LM
 from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
 
-SUITES = ("and_seen", "and_heldout", "not", "not_filter", "or", "and_not")
+SUITES = ("and_seen", "and_heldout", "not", "not_perp", "not_filter", "or", "and_not")
+# suites generated with another negation than the linear one (CompositionPipeline negation=)
+SUITE_NEGATION = {"not_perp": "perp"}
 METHODS = ("none", "public", "default", "fixed-50", "fixed-100", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
            "cached-noise-every2", "cached-composed", "fresh-32", "fresh-adaptive")
 PIXEL_METHODS = ("public", "default", "fixed-50", "fixed-100", "cached-auto", "cached-term", "cached-term-every2", "cached-joint", "cached-joint-every2", "cached-noise",
@@ -89,7 +92,7 @@ def suite_prompts(world: shapes.ShapesWorld, suite: str, n_prompts: int) -> list
         out = [(f"{cap(a)} AND {cap(b)}", [a, b]) for a, b in seen]
     elif suite == "and_heldout":
         out = [(f"{cap(a)} AND {cap(b)}", [a, b]) for a, b in world.held_out_pairs]
-    elif suite == "not":
+    elif suite in ("not", "not_perp"):  # not_perp: the same prompts, generated with perpendicular negation
         out = [(f"{cap(a)} AND NOT {cap(comp(a))}", [a, comp(a)]) for a in range(len(shapes.OBJECTS))]
     elif suite == "not_filter":  # the same NOT, generated from A alone (weight 0: filtered, not guided away)
         out = [(f"{cap(a)} AND NOT 0*{cap(comp(a))}", [a, comp(a)]) for a in range(len(shapes.OBJECTS))][::-1]
@@ -140,15 +143,16 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_cell(pipe, detector, expression_text: str, objs: list[int], cfg: dict) -> dict:
-    """Generate cfg['n'] candidates of one prompt and score them with every method: a dict of
-    tensors and numbers (the shard of the cell)."""
+def run_cell(pipe, detector, expression_text: str, objs: list[int], cfg: dict, negation: str = "linear") -> dict:
+    """Generate cfg['n'] candidates of one prompt (``negation``: how its NOT terms guide) and score
+    them with every method: a dict of tensors and numbers (the shard of the cell)."""
     from compkern.pipelines.composition import parse_composition
 
     comp = parse_composition(expression_text)
     n, K = cfg["n"], comp.K
     seeds = [cfg["seed"] + i for i in range(n)]
-    gen = dict(num_inference_steps=cfg["steps"], guidance_scale=cfg["guidance"], eta=cfg["eta"], output_type="latent")
+    gen = dict(num_inference_steps=cfg["steps"], guidance_scale=cfg["guidance"], eta=cfg["eta"], output_type="latent",
+               negation=negation)
     rec, wall_rec = _timed(lambda: pipe(comp, seeds=seeds, **gen))
     plain, wall_plain = _timed(lambda: pipe(comp, seeds=seeds, record=False, **gen))
     if not torch.allclose(plain.latents, rec.latents, atol=1e-4, rtol=1e-4):
@@ -272,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [c for c in cells if not folder.exists(f"cells/{c[0]}-{c[1]:02d}.pt")]
     for suite, i, expr, objs in tqdm(todo, desc="main-job cells", initial=len(cells) - len(todo), total=len(cells),
                                      disable=getattr(args, "no_progress", False)):
-        cell = run_cell(pipe, detector, expr, objs, cfg)
+        cell = run_cell(pipe, detector, expr, objs, cfg, SUITE_NEGATION.get(suite, "linear"))
         cell["suite"] = suite
         folder.save(f"cells/{suite}-{i:02d}.pt", cell)
     print(report(out))
