@@ -569,3 +569,11 @@ def test_early_rejection_interrupted_mid_stream_resumes_to_the_same_images(sd_pa
     again = _manifest(base, tmp_path / "cut")
     assert [r["index"] for r in again["accepted"]] == [r["index"] for r in whole["accepted"]]
     assert again["stopped_early"] == whole["stopped_early"] > 0
+
+
+def test_bad_guidance_and_a_too_long_prompt(sd):
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        sd("a cat AND a dog", seeds=[0], num_inference_steps=2, guidance_scale=float("nan"), output_type="latent")
+    long = "a " + "very " * 40 + "long cat"
+    with pytest.warns(UserWarning, match="tokens long"):
+        sd.encode(["", long])

@@ -18,6 +18,7 @@ compkern's DDIM (eta = 0) / DDPM (eta = 1) on that schedule.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -331,8 +332,15 @@ class CompositionPipeline:
     # -- prompts ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_one(self, prompts: list[str], tokenizer, text_encoder, penultimate: bool):
-        tok = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt")
+        limit = tokenizer.model_max_length
+        for prompt in prompts:  # as diffusers does: warn, then encode the first `limit` tokens
+            n = len(tokenizer(prompt, truncation=False).input_ids)
+            if n > limit:
+                import warnings
+
+                warnings.warn(f"prompt {prompt!r} is {n} tokens long; the text encoder reads {limit}: the rest is "
+                              "cut off", stacklevel=3)
+        tok = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
         ids = tok.input_ids.to(text_encoder.device)
         mask = tok.attention_mask.to(ids.device) if getattr(text_encoder.config, "use_attention_mask", False) else None
         out = text_encoder(ids, attention_mask=mask, output_hidden_states=penultimate)
@@ -427,6 +435,8 @@ class CompositionPipeline:
             raise ValueError("seeds must hold at least one seed (one image per seed)")
         if clip_x0 == "auto":
             clip_x0 = 1.0 if self.vae is None else None
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         weights = comp.weights(guidance_scale, generate=generate, rows=len(emb)).to(self.device)
         rows = None if chunk_size in (None, "auto") else int(chunk_size)
         while True:  # one pass, or with chunk_size "auto" one more per halving after an out-of-memory
