@@ -19,7 +19,8 @@ with the same settings skips committed batches, so an interrupted run resumes wh
 other settings are refused.
 
 Early rejection (``--early-reject CONFIDENCE``, ``compkern.pipelines.early_reject``): the first
-batches are sampled to the end with their partial margins recorded after 40% of the steps, until
+batches are sampled to the end with their partial margins recorded after ``--early-check`` (0.4)
+of the steps, until
 they hold at least ``--pilot`` images and enough accepted ones for the confidence
 (``early_reject.min_pilot_accepts``: 19 at 0.95); the rule calibrated on them then stops, in every later batch, the images
 whose partial margin says they will be rejected (a finally-accepted image survives with
@@ -261,7 +262,7 @@ def generate(args: GenerateOptions) -> dict | None:
         rnd = 0
         while accepted_total < args.n and rnd * dist.world < len(pending):
             if args.early_reject is not None and rule in (None, off):
-                n_pilot = pilot_batches(out, args.batch_size, args.pilot, ER.min_pilot_accepts(args.early_reject, len(checks)))
+                n_pilot = pilot_batches(out, args.pilot, ER.min_pilot_accepts(args.early_reject, len(checks)))
                 rule = off if n_pilot is None else calibrate_from_pilot(out, n_pilot, checks, args.early_reject)
                 if rule is not off and dist.world == 1:
                     accepted_total = run_continuous(pipe, comp, pending[rnd:], args, out, rule, accepted_total, progress)
@@ -283,7 +284,7 @@ def generate(args: GenerateOptions) -> dict | None:
         dist.close()
 
 
-def pilot_batches(out: Path, batch_size: int, pilot: int, need: int) -> int | None:
+def pilot_batches(out: Path, pilot: int, need: int) -> int | None:
     """The pilot's length in batches: the shortest run of committed batches 0, 1, ... that holds
     at least ``pilot`` images and ``need`` accepted ones (``ER.min_pilot_accepts``: fewer would
     leave the rule's checks off); None while the committed batches hold no such run."""
