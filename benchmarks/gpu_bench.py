@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         times = {}
         for name, fn in impls.items():
             times[name] = triton.testing.do_bench(lambda: fn(*inputs), warmup=10, rep=100, return_mode="min") * 1e-3
+            rec = record(cfg, name, times[name], floor, device="cuda")
             if args.jsonl:
-                append_jsonl(args.jsonl, [record(cfg, name, times[name], floor, device="cuda")])
-            line = row(cfg, name, times[name], floor, times.get("compile") if name == "triton" else None, "")
+                append_jsonl(args.jsonl, [rec])
+            line = row(rec, times.get("compile") if name == "triton" else None)
             lines.append(line)
             print(line, flush=True)
         del inputs

@@ -112,7 +112,7 @@ def test_benchmark_rows_are_json_lines(tmp_path):
 
     import torch
 
-    from compkern.experiments.bench import append_jsonl, configs, record
+    from compkern.experiments.bench import HEADER, append_jsonl, configs, record, table_from_rows
 
     cfg = configs(full=False)[0]
     rows = [record(cfg, impl, 2e-3, 1e-3, device="cpu") for impl in ("eager", "cpp")]
@@ -122,3 +122,14 @@ def test_benchmark_rows_are_json_lines(tmp_path):
     assert [r["impl"] for r in back] == ["eager", "cpp"]
     assert back[0]["op"] == cfg.op and back[0]["x_floor"] == 2.0 and back[0]["threads"] == torch.get_num_threads()
     assert {"config", "dtype", "bytes", "device", "commit", "time_s", "floor_s", "peak_mem_bytes"} <= set(back[0])
+    rows = [record(cfg, "compile", 4e-3, 1e-3, device="cpu"), *back]
+    table = table_from_rows(rows)
+    lines = table.splitlines()
+    assert lines[0] == HEADER and len(lines) == 2 + 3
+    assert "| cpp |" in lines[4] and "2.00x" in lines[4] and "x" not in lines[3].split("|")[-3]  # eager: no vs-compile
+    append_jsonl(str(tmp_path / "b.jsonl"), rows[:1])
+    from compkern.cli import main
+
+    assert main(["bench", "table", "--jsonl", str(tmp_path / "b.jsonl")]) == 0
+    with pytest.raises(ValueError, match="--jsonl"):
+        main(["bench", "table"])

@@ -11,6 +11,7 @@ buffers, far beyond the L3 cache. Times are minimums over repetitions (a shared 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import os
@@ -179,6 +180,7 @@ HEADER = "| op | shape | dtype | MB | impl | time ms | floor ms | x floor | vs c
 RULE = "|---|---|---|---:|---|---:|---:|---:|---:|---|"
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The checkout's commit (None outside a git checkout)."""
     import subprocess
@@ -215,14 +217,28 @@ def append_jsonl(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def row(cfg: Config, impl: str, seconds: float, floor: float, compile_s: float | None, note: str) -> str:
-    vs = f"{compile_s / seconds:.2f}x" if compile_s else ""
-    return (f"| {cfg.op} | {cfg.label} | {str(cfg.dtype).replace('torch.', '')} | {op_bytes(cfg) / 1e6:.1f} | {impl} | "
-            f"{seconds * 1e3:.3f} | {floor * 1e3:.3f} | {seconds / floor:.2f} | {vs} | {note} |")
+def row(rec: dict, compile_s: float | None = None) -> str:
+    """One markdown row of HEADER from a ``record``; compile_s: torch.compile's time on the same
+    config (the "vs compile" column), None to leave it empty."""
+    vs = f"{compile_s / rec['time_s']:.2f}x" if compile_s else ""
+    return (f"| {rec['op']} | {rec['config']} | {rec['dtype']} | {rec['bytes'] / 1e6:.1f} | {rec['impl']} | "
+            f"{rec['time_s'] * 1e3:.3f} | {rec['floor_s'] * 1e3:.3f} | {rec['x_floor']:.2f} | {vs} | {rec['note']} |")
+
+
+def table_from_rows(rows: list[dict], compiled_impls: tuple[str, ...] = ("cpp", "triton")) -> str:
+    """The markdown table (HEADER, RULE, one row per record) of structured rows, e.g. a --jsonl
+    file: what RESULTS.md tables are made from. The "vs compile" column is filled for the
+    ``compiled_impls`` rows of a config that has a 'compile' row."""
+    compile_s = {(r["op"], r["config"], r["dtype"], r["device"]): r["time_s"] for r in rows if r["impl"] == "compile"}
+    lines = [HEADER, RULE]
+    for r in rows:
+        c = compile_s.get((r["op"], r["config"], r["dtype"], r["device"])) if r["impl"] in compiled_impls else None
+        lines.append(row(r, c))
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", nargs="?", default="ops", choices=["ops", "attention"],
+    parser.add_argument("target", nargs="?", default="ops", choices=["ops", "attention", "table"],
                         help="what to benchmark (default: ops)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="full", action="store_false", help="a representative subset (default)")
@@ -252,6 +268,14 @@ def _reexec_with_thp() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target == "table":  # the markdown table of a --jsonl file
+        import json
+
+        if not args.jsonl or not os.path.exists(args.jsonl):
+            raise ValueError(f"`compkern bench table` needs --jsonl FILE, the rows of an earlier run; got {args.jsonl!r}")
+        with open(args.jsonl) as f:
+            print(table_from_rows([json.loads(line) for line in f if line.strip()]))
+        return 0
     if args.target == "attention":
         from compkern.experiments import bench_attention
 
@@ -293,9 +317,10 @@ def run(args: argparse.Namespace) -> int:
         for name, fn in impls.items():
             reps = max(3, args.reps // 3) if name == "eager" else args.reps
             times[name] = time_min(fn, *inputs, reps=reps, clock=args.clock)
+            rec = record(cfg, name, times[name], floor, device="cpu", note=note)
             if getattr(args, "jsonl", None):
-                append_jsonl(args.jsonl, [record(cfg, name, times[name], floor, device="cpu", note=note)])
-            line = row(cfg, name, times[name], floor, times.get("compile") if name.startswith(backend) else None, note)
+                append_jsonl(args.jsonl, [rec])
+            line = row(rec, times.get("compile") if name.startswith(backend) else None)
             lines.append(line)
             print(line, flush=True)
         del inputs
