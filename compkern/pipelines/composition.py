@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -32,6 +32,9 @@ from compkern.models.schedule import NoiseSchedule
 from compkern.ops import combine_eps
 from compkern.samplers.composed import ComposedEps, StepRecord
 from compkern.samplers.diffusion import ddim_sample
+
+if TYPE_CHECKING:
+    from compkern.pipelines.early_reject import EarlyRejectRule
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -403,7 +406,7 @@ class CompositionPipeline:
                  height: int | None = None, width: int | None = None, chunk_size: int | str | None = None,
                  record: bool = True, record_every: int = 1, output_type: str = "pil",
                  latents: torch.Tensor | None = None, progress: bool = False,
-                 early_reject=None, negation: str = "linear") -> CompositionOutput:
+                 early_reject: "EarlyRejectRule | None" = None, negation: str = "linear") -> CompositionOutput:
         """Generate len(seeds) images of the composed prompt.
 
         generate: 'joint' (default; classifier-free guidance on the joint caption of the required

@@ -18,13 +18,16 @@ call of the same step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 
 from compkern.models.base import evaluate_conditions
 from compkern.samplers.composed import NEGATIONS, StepRecord, compose_eps
 from compkern.samplers.diffusion import ddim_step
+
+if TYPE_CHECKING:
+    from compkern.pipelines.early_reject import EarlyRejectRule
 
 
 @dataclass
@@ -66,9 +69,10 @@ class ContinuousSampler:
     """Images of one composed prompt from a stream of seeds through ``slots`` slots (keywords as
     ``CompositionPipeline.__call__``; record: keep the recorded steps in each result)."""
 
-    def __init__(self, pipe, prompt, *, slots: int = 8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+    def __init__(self, pipe, prompt: str | object, *, slots: int = 8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: str = "", eta: float = 0.0, generate: str = "joint", record_joint: bool | None = None,
-                 record: bool = True, record_every: int = 1, early_reject=None, clip_x0: float | str | None = "auto",
+                 record: bool = True, record_every: int = 1, early_reject: "EarlyRejectRule | None" = None,
+                 clip_x0: float | str | None = "auto",
                  height: int | None = None, width: int | None = None, chunk_size: int | None = None,
                  negation: str = "linear"):
         from compkern.pipelines.composition import GENERATE_MODES, parse_composition
