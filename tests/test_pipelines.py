@@ -577,3 +577,22 @@ def test_bad_guidance_and_a_too_long_prompt(sd):
     long = "a " + "very " * 40 + "long cat"
     with pytest.warns(UserWarning, match="tokens long"):
         sd.encode(["", long])
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_from_pipe_shares_a_loaded_diffusers_pipeline(which, request):
+    """CompositionPipeline.from_pipe(diffusers pipeline): the same module objects, the same images
+    as from_pretrained on the folder."""
+    import diffusers
+
+    path = request.getfixturevalue(f"{which}_path")
+    cls = diffusers.StableDiffusionXLPipeline if which == "sdxl" else diffusers.StableDiffusionPipeline
+    extra = {} if which == "sdxl" else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    loaded = cls.from_pretrained(path, local_files_only=True, **extra)
+    pipe = CompositionPipeline.from_pipe(loaded)
+    assert pipe.unet is loaded.unet and pipe.text_encoder is loaded.text_encoder
+    kw = dict(seeds=[0, 1], num_inference_steps=3, output_type="latent")
+    ref = request.getfixturevalue(which)("a black car AND a white clock", **kw)
+    assert torch.allclose(pipe("a black car AND a white clock", **kw).latents, ref.latents, atol=1e-5)
+    with pytest.raises(TypeError, match="from_pipe needs"):
+        CompositionPipeline.from_pipe(object())

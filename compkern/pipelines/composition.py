@@ -289,6 +289,18 @@ class CompositionPipeline:
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
+    def from_pipe(cls, pipe) -> "CompositionPipeline":
+        """A CompositionPipeline over the components of a loaded diffusers pipeline
+        (StableDiffusionPipeline, StableDiffusionXLPipeline, or any with unet, vae, text_encoder,
+        tokenizer, scheduler and for SDXL text_encoder_2, tokenizer_2): the same module objects,
+        no weight copied; its scheduler supplies the noise schedule and prediction type."""
+        missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
+        if missing:
+            raise TypeError(f"from_pipe needs a pipeline with {missing} ({type(pipe).__name__} has none)")
+        return cls(pipe.unet, getattr(pipe, "vae", None), pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                   getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "fp32",
                         device: str | torch.device = "cpu") -> "CompositionPipeline":
         """Load unet/, text_encoder/, tokenizer/, scheduler/ (compkern.models.unet.SDComponents),
