@@ -147,3 +147,35 @@ def test_fixed_trials_decide_a_three_term_not_at_the_defaults(c_drawn):
                            required=comp.expression.required())
     assert maps.targets == ("noise",) * 3 and maps.source == "sampled"
     assert accept(comp, maps).tolist() == [not c_drawn] * 2
+
+
+@pytest.mark.parametrize("b_drawn", [True, False])
+def test_partial_margin_at_the_default_check_knows_whether_the_not_fails(b_drawn):
+    """Early rejection's statistic at its defaults (the check after CHECK_AT of the steps, the noise
+    target against the predicted x0 of the generation eps, the cached-noise rule) on the synthetic
+    record whose answer is known: B drawn -> A AND NOT B fails (margin < 0), else passes."""
+    from compkern.pipelines.early_reject import default_checks, partial_margins
+
+    comp = parse_composition("a A AND NOT a B")
+    rec, x0, sched = _record(b_drawn)
+    weights = comp.weights(1.0, generate="joint", rows=3)
+    (s,) = default_checks(len(rec))
+    m = partial_margins(comp, rec, (s,), schedule=sched, weights=weights)
+    assert (float(m[0, 0]) > 0) is (not b_drawn)
+
+
+@pytest.mark.parametrize("b_drawn", [True, False])
+def test_partial_margin_of_a_pure_and_at_the_default_check(b_drawn):
+    """A AND B, the joint caption's cached maps at the default check: the joint row predicts the
+    true noise; B's row does where B is drawn, else the null's -> the AND holds exactly when B is drawn."""
+    from compkern.pipelines.early_reject import default_checks, partial_margins
+
+    comp = parse_composition("a A AND a B")
+    rec, x0, sched = _record(b_drawn)
+    for i, x_t in enumerate(rec.x_t):  # the joint row: the true noise of x_t
+        noise = (x_t - sched.sqrt_abar(rec.t[i], x_t) * x0) / sched.sqrt_one_minus_abar(rec.t[i], x_t)
+        rec.preds[i] = torch.cat([rec.preds[i], noise[None]])
+    assert comp.joint_row == 3
+    (s,) = default_checks(len(rec))
+    m = partial_margins(comp, rec, (s,))
+    assert (float(m[0, 0]) > 0) is b_drawn
