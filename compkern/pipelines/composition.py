@@ -411,6 +411,34 @@ class CompositionPipeline:
         gens = [g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g)) for g in seeds]
         return torch.stack([torch.randn(self.latent_channels, h, w, generator=g) for g in gens]).to(self.device)
 
+    def sampling_setup(self, prompt: str | Composition, *, num_inference_steps: int, guidance_scale: float,
+                       negative_prompt: str = "", generate: str = "joint", record_joint: bool | None = None,
+                       clip_x0: float | str | None = "auto", height: int | None = None, width: int | None = None,
+                       early_reject: "EarlyRejectRule | None" = None):
+        """What a sampler of this pipeline needs, checked once: (composition, its encoded condition
+        rows, the combine weights (R - 1,), the generation mode used, clip_x0 resolved). The joint
+        caption's row is encoded when generating from it, or (record_joint None) when early
+        rejection scores a pure AND against it."""
+        if generate not in GENERATE_MODES:
+            raise ValueError(f"generate must be one of {GENERATE_MODES}, got {generate!r}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if early_reject is not None:
+            from compkern.pipelines.early_reject import check_checks
+
+            check_checks(early_reject.checks, num_inference_steps)
+        comp = prompt if isinstance(prompt, Composition) else parse_composition(prompt)
+        if comp.joint is None:
+            generate = "composed"
+        if record_joint is None:
+            record_joint = generate == "joint" or (early_reject is not None and comp.joint is not None)
+        comp, emb = self.prepare(comp, negative_prompt=negative_prompt, height=height, width=width,
+                                 with_joint=bool(record_joint))
+        weights = comp.weights(guidance_scale, generate=generate, rows=len(emb)).to(self.device)
+        if clip_x0 == "auto":
+            clip_x0 = 1.0 if self.vae is None else None
+        return comp, emb, weights, generate, clip_x0
+
     @torch.no_grad()
     def __call__(self, prompt: str | Composition, *, seeds: Sequence[int] = (0,), num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, negative_prompt: str = "", eta: float = 0.0,
@@ -436,23 +464,13 @@ class CompositionPipeline:
         'linear' (a NOT is a negative weight) or 'perp' (perpendicular negation, ``perp_neg_eps``)."""
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        if generate not in GENERATE_MODES:
-            raise ValueError(f"generate must be one of {GENERATE_MODES}, got {generate!r}")
-        comp = prompt if isinstance(prompt, Composition) else parse_composition(prompt)
-        if comp.joint is None:
-            generate = "composed"
-        if record_joint is None:  # the joint row is there when generating from it or predicting with it
-            record_joint = generate == "joint" or (early_reject is not None and comp.joint is not None)
-        with_joint = bool(record_joint)
-        comp, emb = self.prepare(comp, negative_prompt=negative_prompt, height=height, width=width, with_joint=with_joint)
+        comp, emb, weights, generate, clip_x0 = self.sampling_setup(
+            prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            generate=generate, record_joint=record_joint, clip_x0=clip_x0, height=height, width=width,
+            early_reject=early_reject)
         seeds = [int(s) for s in seeds]
         if not seeds and latents is None:
             raise ValueError("seeds must hold at least one seed (one image per seed)")
-        if clip_x0 == "auto":
-            clip_x0 = 1.0 if self.vae is None else None
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        weights = comp.weights(guidance_scale, generate=generate, rows=len(emb)).to(self.device)
         rows = None if chunk_size in (None, "auto") else int(chunk_size)
         while True:  # one pass, or with chunk_size "auto" one more per halving after an out-of-memory
             gens = self.generators(seeds)  # every image's latents and noise replay from its own seed
@@ -464,12 +482,7 @@ class CompositionPipeline:
                                  f"({x_T.shape[0]}), got {len(gens)}")
             ids = torch.arange(len(emb), device=self.device)[:, None].expand(len(emb), x_T.shape[0])
             rows = ids.numel() if rows is None else rows
-            until = None
-            if early_reject is not None:
-                from compkern.pipelines.early_reject import check_checks
-
-                check_checks(early_reject.checks, num_inference_steps)
-                until = None if record else early_reject.checks[-1]
+            until = None if record or early_reject is None else early_reject.checks[-1]
             eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=rows,
                                  record=record or early_reject is not None, record_every=record_every, record_until=until,
                                  negation=negation)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 
 from compkern.models.base import evaluate_conditions
-from compkern.samplers.composed import NEGATIONS, StepRecord, compose_eps
+from compkern.samplers.composed import NEGATIONS, StepRecord, compose_eps, used_rows
 from compkern.samplers.diffusion import ddim_step
 
 if TYPE_CHECKING:
@@ -75,40 +75,25 @@ class ContinuousSampler:
                  clip_x0: float | str | None = "auto",
                  height: int | None = None, width: int | None = None, chunk_size: int | None = None,
                  negation: str = "linear"):
-        from compkern.pipelines.composition import GENERATE_MODES, parse_composition
-
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if record_every < 1:
             raise ValueError(f"record_every must be >= 1, got {record_every}")
         if negation not in NEGATIONS:
             raise ValueError(f"negation must be one of {NEGATIONS}, got {negation!r}")
-        self.negation = negation
-        if generate not in GENERATE_MODES:
-            raise ValueError(f"generate must be one of {GENERATE_MODES}, got {generate!r}")
-        comp = parse_composition(prompt) if isinstance(prompt, str) else prompt
-        if comp.joint is None:
-            generate = "composed"
-        if record_joint is None:  # the joint row is there when generating from it or predicting with it
-            record_joint = generate == "joint" or (early_reject is not None and comp.joint is not None)
-        with_joint = bool(record_joint)
-        self.comp, emb = pipe.prepare(comp, negative_prompt=negative_prompt, height=height, width=width,
-                                      with_joint=with_joint)
+        self.comp, emb, self.weights, self.generate, self.clip_x0 = pipe.sampling_setup(
+            prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt, generate=generate, record_joint=record_joint, clip_x0=clip_x0,
+            height=height, width=width, early_reject=early_reject)
+        self.negation, self.rule = negation, early_reject
         self.pipe, self.slots, self.S, self.eta = pipe, int(slots), int(num_inference_steps), float(eta)
         self.model = pipe.eps_model(emb)
         self.R = len(emb)
-        self.weights = self.comp.weights(guidance_scale, generate=generate, rows=self.R).to(pipe.device)
-        self.used = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (self.weights != 0).nonzero().flatten().cpu()])
-        self.rule = early_reject
-        if early_reject is not None:
-            from compkern.pipelines.early_reject import check_checks
-
-            check_checks(early_reject.checks, self.S)
+        self.used = used_rows(self.weights).cpu()
         self.record_every = int(record_every)
         self.record_until = None if record or early_reject is None else early_reject.checks[-1]
         self.keep_record = record
         self.recording = record or early_reject is not None
-        self.clip_x0 = (1.0 if pipe.vae is None else None) if clip_x0 == "auto" else clip_x0
         self.height, self.width, self.chunk_size = height, width, chunk_size
         self.ts = pipe.schedule.timesteps(self.S)
         self.n_evals = 0
@@ -132,7 +117,7 @@ class ContinuousSampler:
             self.n_evals += preds.shape[0] * preds.shape[1]
             for j, i in enumerate(idx.tolist()):
                 active[i].rows += preds.shape[0]
-                if len(rows) == self.R and self._records_now(active[i]):
+                if rec[i]:
                     active[i].record.append((x[i].detach(), t[i].detach(), preds[:, j].detach()))
         if not bool(torch.isfinite(eps).all()):
             raise FloatingPointError("ContinuousSampler: the eps model returned NaN or inf; check the model and weights")
@@ -167,7 +152,7 @@ class ContinuousSampler:
         live = [r for r in results if r.stopped == self.S]
         return CompositionOutput(None, torch.stack([r.latents for r in results]),
                                  stack_record(live) if live and self.keep_record else None, sum(r.rows for r in results),
-                                 self.comp, self.weights, [r.seed for r in results], [], "", alive,
+                                 self.comp, self.weights, [r.seed for r in results], [], self.generate, alive,
                                  torch.tensor([r.stopped for r in results]), torch.stack([r.margins for r in results], 1))
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 
 from compkern.pipelines import lift_maps as LM
+from compkern.samplers.composed import compose_eps
 
 
 def check_confidence(confidence: float) -> float:
@@ -78,8 +79,6 @@ def partial_maps(comp, record, s: int, *, record_every: int = 1, schedule=None, 
         return LM.cached_lift_maps(record, signs, target="joint", joint_row=comp.joint_row, steps=steps)
     if schedule is None or weights is None:
         raise ValueError("a partial noise-target map needs the schedule and the generation weights")
-    from compkern.samplers.composed import compose_eps
-
     j = n_rec - 1
     x_t, t, preds = record.x_t[j], record.t[j], record.preds[j]
     x0 = schedule.eps_to_x0(x_t.float(), compose_eps(preds, weights.to(preds.device), negation).float(), t)

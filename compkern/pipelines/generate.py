@@ -259,11 +259,12 @@ def generate(args: GenerateOptions) -> dict | None:
         # calibrated on it, on one process through continuous batching
         off = ER.EarlyRejectRule(checks, (-math.inf,) * len(checks), 1.0)
         rule = None
+        pilot_seen: dict = {}  # this rank's shard cache while the pilot is read after every round
         rnd = 0
         while accepted_total < args.n and rnd * dist.world < len(pending):
             if args.early_reject is not None and rule in (None, off):
-                n_pilot = pilot_batches(out, args.pilot, ER.min_pilot_accepts(args.early_reject, len(checks)))
-                rule = off if n_pilot is None else calibrate_from_pilot(out, n_pilot, checks, args.early_reject)
+                n_pilot = pilot_batches(out, args.pilot, ER.min_pilot_accepts(args.early_reject, len(checks)), pilot_seen)
+                rule = off if n_pilot is None else calibrate_from_pilot(out, n_pilot, checks, args.early_reject, pilot_seen)
                 if rule is not off and dist.world == 1:
                     accepted_total = run_continuous(pipe, comp, pending[rnd:], args, out, rule, accepted_total, progress)
                     break
@@ -284,11 +285,12 @@ def generate(args: GenerateOptions) -> dict | None:
         dist.close()
 
 
-def pilot_batches(out: Path, pilot: int, need: int) -> int | None:
+def pilot_batches(out: Path, pilot: int, need: int, cache: dict | None = None) -> int | None:
     """The pilot's length in batches: the shortest run of committed batches 0, 1, ... that holds
     at least ``pilot`` images and ``need`` accepted ones (``ER.min_pilot_accepts``: fewer would
-    leave the rule's checks off); None while the committed batches hold no such run."""
-    shards = _committed(out)
+    leave the rule's checks off); None while the committed batches hold no such run. ``cache``:
+    as ``_committed``'s (shards read before are not read again)."""
+    shards = _committed(out, cache)
     images = accepted = 0
     for j in range(len(shards)):
         if j not in shards:
@@ -300,10 +302,11 @@ def pilot_batches(out: Path, pilot: int, need: int) -> int | None:
     return None
 
 
-def calibrate_from_pilot(out: Path, n_pilot: int, checks: tuple[int, ...], confidence: float) -> "ER.EarlyRejectRule":
+def calibrate_from_pilot(out: Path, n_pilot: int, checks: tuple[int, ...], confidence: float,
+                         cache: dict | None = None) -> "ER.EarlyRejectRule":
     """The early-rejection rule from the committed pilot batches 0..n_pilot-1 (their records'
     partial margins and decisions)."""
-    records = [r for j, s in _committed(out).items() if j < n_pilot for r in s["records"]]
+    records = [r for j, s in _committed(out, cache).items() if j < n_pilot for r in s["records"]]
     if not records or any(len(r.get("margins") or []) != len(checks) for r in records):
         raise ValueError(f"--out {out}: the pilot batches hold no partial margins at the checks {checks}")
     margins = torch.tensor([r["margins"] for r in records], dtype=torch.float32).T

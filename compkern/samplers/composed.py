@@ -67,6 +67,13 @@ def compose_eps(preds: torch.Tensor, weights: torch.Tensor, negation: str = "lin
     raise ValueError(f"negation must be one of {NEGATIONS}, got {negation!r}")
 
 
+def used_rows(weights: torch.Tensor) -> torch.Tensor:
+    """The condition rows (int64, ascending) generation needs for weights (K,) or (B, K): the base
+    row 0 and every row some sample weighs (rows no weight uses are evaluated only to be recorded)."""
+    w = weights.reshape(-1, weights.shape[-1])
+    return torch.cat([torch.zeros(1, dtype=torch.long, device=w.device), 1 + (w != 0).any(0).nonzero().flatten()])
+
+
 class ComposedEps:
     """eps_fn(x_t (B, *S), t (B,)) -> compose_eps(evaluate_conditions(model, x_t, t, conds), weights, negation).
 
@@ -91,8 +98,7 @@ class ComposedEps:
         self.record_until = record_until  # calls after which nothing more is recorded (None: all)
         self.n_evals = 0  # model rows evaluated
         self.n_calls = 0
-        w = self.weights.reshape(-1, self.weights.shape[-1])
-        self._used = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (w != 0).any(0).nonzero().flatten()])
+        self._used = used_rows(self.weights)
 
     def _evaluate(self, x_t: torch.Tensor, t: torch.Tensor, conds: Any) -> torch.Tensor:
         preds = evaluate_conditions(self.model, x_t, t, conds, chunk_size=self.chunk_size)
