@@ -392,12 +392,16 @@ def sample_batch(pipe, comp, seeds: list[int], args, *, early_reject: "ER.EarlyR
                 **_sample_kwargs(comp, args))
 
 
+def batch_indices(j: int, args) -> list[int]:
+    """The image indices of batch j (image i has seed ``args.seed + i``)."""
+    return list(range(j * args.batch_size, (j + 1) * args.batch_size))
+
+
 def run_batch(pipe, comp, j: int, args, out: Path, rank: int, early_reject: "ER.EarlyRejectRule | None" = None) -> int:
     """Generate, score and commit batch j of ``args`` (GenerateOptions) into ``out`` (stopping
     images early by ``early_reject``); returns its accepted count."""
     t0 = time.perf_counter()
-    B = args.batch_size
-    res = sample_batch(pipe, comp, [args.seed + i for i in range(j * B, (j + 1) * B)], args, early_reject=early_reject)
+    res = sample_batch(pipe, comp, [args.seed + i for i in batch_indices(j, args)], args, early_reject=early_reject)
     return commit_batch(pipe, comp, j, res, args, out, rank, t0)
 
 
@@ -409,39 +413,30 @@ def run_continuous(pipe, comp, batches: list[int], args, out: Path, rule: "ER.Ea
     accepted total (``accepted`` before). on_commit(): after each commit."""
     from compkern.pipelines.continuous import ContinuousSampler
 
-    B = args.batch_size
-    seeds_of = {j: [args.seed + i for i in range(j * B, (j + 1) * B)] for j in batches}
+    seeds_of = {j: [args.seed + i for i in batch_indices(j, args)] for j in batches}
     todo = list(batches)
-    state = {"accepted": accepted}
-
-    def stream():
-        for j in batches:
-            if state["accepted"] >= args.n:
-                return
-            yield from seeds_of[j]
-
     chunk = None if args.chunk_size == "auto" else int(args.chunk_size)
-    sampler = ContinuousSampler(pipe, comp, slots=B, early_reject=rule, chunk_size=chunk, **_sample_kwargs(comp, args))
+    sampler = ContinuousSampler(pipe, comp, slots=args.batch_size, early_reject=rule, chunk_size=chunk,
+                                **_sample_kwargs(comp, args))
     done: dict[int, object] = {}
     t0 = time.perf_counter()
-    for r in sampler.run(stream()):
+    for r in sampler.run(s for j in batches for s in seeds_of[j]):
         done[r.seed] = r
         while todo and all(s in done for s in seeds_of[todo[0]]):
             j = todo.pop(0)
-            res = sampler.output([done.pop(s) for s in seeds_of[j]])
-            state["accepted"] += commit_batch(pipe, comp, j, res, args, out, 0, t0)
+            accepted += commit_batch(pipe, comp, j, sampler.output([done.pop(s) for s in seeds_of[j]]), args, out, 0, t0)
             t0 = time.perf_counter()
             on_commit()
-        if state["accepted"] >= args.n:
+        if accepted >= args.n:
             break  # the images still in flight belong to uncommitted batches: a rerun with a larger n redoes them
-    return state["accepted"]
+    return accepted
 
 
 def commit_batch(pipe, comp, j: int, res, args, out: Path, rank: int, t0: float) -> int:
     """Score batch j's CompositionOutput ``res`` and commit it (accepted images and overlays first,
     then the atomic shard); returns its accepted count."""
     B = args.batch_size
-    indices = list(range(j * B, (j + 1) * B))
+    indices = batch_indices(j, args)
     seeds = [args.seed + i for i in indices]
     maps, ok = score(pipe, comp, res, args, seed=args.seed + j)
     rows = res.n_evals + (0 if maps is None else maps.n_evals)
