@@ -596,3 +596,21 @@ def test_from_pipe_shares_a_loaded_diffusers_pipeline(which, request):
     assert torch.allclose(pipe("a black car AND a white clock", **kw).latents, ref.latents, atol=1e-5)
     with pytest.raises(TypeError, match="from_pipe needs"):
         CompositionPipeline.from_pipe(object())
+
+
+def test_a_plain_prompt_samples_as_diffusers_own_pipeline(sd_path):
+    """K = 1 at the defaults (DDIM, eta 0, classifier-free guidance): compkern's latents equal
+    diffusers' StableDiffusionPipeline's with a DDIM scheduler on the same (trailing) timesteps."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(sd_path, safety_checker=None, feature_extractor=None,
+                                                            requires_safety_checker=False, local_files_only=True)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing",
+                                                        set_alpha_to_one=True, steps_offset=0)
+    ref.set_progress_bar_config(disable=True)
+    pipe = CompositionPipeline.from_pipe(ref)
+    x = pipe.initial_latents([0, 1])
+    ours = pipe("a black car", seeds=[0, 1], num_inference_steps=5, guidance_scale=3.0, output_type="latent", latents=x)
+    theirs = ref(["a black car"] * 2, num_inference_steps=5, guidance_scale=3.0, latents=x.clone(), output_type="latent")
+    assert torch.equal(pipe.schedule.timesteps(5), ref.scheduler.timesteps)
+    assert torch.allclose(ours.latents, theirs.images, rtol=1e-5, atol=1e-4)
