@@ -500,6 +500,7 @@ def test_pixel_space_folder_runs_through_the_pipeline_and_generate(pixel_path, t
     (["--early-reject", "0.9", "--pilot", "0"], "--pilot"),
     (["--early-reject", "0.9", "--lift", "none"], "--early-reject"),
     (["--early-reject", "0.9", "--early-check", "1.0"], "--early-check"),
+    (["--early-reject", "0.9", "--scheduler", "dpm++"], "drop --scheduler"),
 ])
 def test_generate_bad_input_names_the_argument(sd_path, tmp_path, argv, match):
     base = {"--prompt": "a cat AND NOT a dog", "--n": "1"}
@@ -510,6 +511,27 @@ def test_generate_bad_input_names_the_argument(sd_path, tmp_path, argv, match):
     flat = [x for kv in args.items() for x in kv]
     with pytest.raises(ValueError, match=match):
         _run(["--model", str(sd_path), "--out", str(tmp_path / "o"), "--device", "cpu", "--dtype", "fp32", *flat])
+
+
+def test_generate_through_a_diffusers_scheduler(sd_path, tmp_path):
+    """--scheduler dpm++: the accepted images are the pipeline's own DPM-Solver++ samples of their
+    seeds; a folder made with another scheduler is refused on resume."""
+    out = tmp_path / "dpm"
+    assert _run(["--model", str(sd_path), "--out", str(out), "--n", "2", "--scheduler", "dpm++", *GEN]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["scheduler"] == "dpm++" and m["n_accepted"] == 2
+    recs = [r for f in sorted((out / "shards").glob("*.pt")) for r in load(f)["records"] if r["accepted"]]
+    pipe = CompositionPipeline.from_pretrained(sd_path)
+    first = recs[0]
+    ref = pipe("a black car AND NOT a dog", seeds=[first["seed"]], num_inference_steps=3, scheduler="dpm++",
+               output_type="latent", record=False)
+    import numpy as np
+    from PIL import Image
+
+    saved = np.asarray(Image.open(out / first["image"]), dtype=np.int16)
+    assert np.abs(saved - np.asarray(pipe.decode(ref.latents)[0], dtype=np.int16)).max() <= 1
+    with pytest.raises(ValueError, match="other settings"):
+        _run(["--model", str(sd_path), "--out", str(out), "--n", "2", "--scheduler", "euler", *GEN])
 
 
 def test_generate_refuses_a_folder_without_unet(tmp_path):

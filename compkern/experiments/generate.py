@@ -15,7 +15,7 @@ import json
 from compkern.experiments._args import add_progress, add_sample_steps, set_threads
 from compkern.pipelines import early_reject as ER
 from compkern.pipelines import lift_maps as LM
-from compkern.pipelines.composition import GENERATE_MODES
+from compkern.pipelines.composition import GENERATE_MODES, SCHEDULERS
 from compkern.pipelines.generate import LIFTS, GenerateOptions, generate
 
 
@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negation", default="linear", choices=["linear", "perp"],
                    help="how a NOT term guides: linear (a negative weight, Composable Diffusion) or perp "
                         "(perpendicular negation, Perp-Neg: only the part of its direction off the positive one)")
+    p.add_argument("--scheduler", default=None, choices=["folder", *SCHEDULERS],
+                   help="sample through a diffusers scheduler built from the folder's scheduler config (dpm++: "
+                        "DPM-Solver++ at 20-25 steps, euler, unipc, ...; folder: the folder's own class); default: "
+                        "compkern's DDIM / DDPM (--eta), the sampler --early-reject needs")
     p.add_argument("--lift", default="auto", choices=list(LIFTS),
                    help="auto (default): cached where the target is the joint caption (a pure AND), public with "
                         "--trials otherwise; "

@@ -8,7 +8,8 @@ import torch
 
 class NoiseSchedule:
     """Holds ``betas`` and ``alphas_cumprod`` (num_steps,) in fp64 and converts between x0, eps,
-    v and the score. Timesteps are int64 tensors broadcast against the batch axis."""
+    v and the score. Timesteps are int64 tensors (float ones interpolate: ``alphas_cumprod_at``)
+    broadcast against the batch axis."""
 
     def __init__(self, betas: torch.Tensor):
         betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -47,22 +48,36 @@ class NoiseSchedule:
     def num_steps(self) -> int:
         return len(self.betas)
 
-    def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[t] shaped (N, 1, ..., 1) to broadcast against ``like`` (N, *S)."""
+    def alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
+        """abar at timesteps t (N,), fp64: int64 t index the table; float t (the fractional
+        timesteps of sigma-space samplers such as diffusers' Euler) interpolate sigma = sqrt((1 -
+        abar) / abar) linearly between the neighbouring steps, as those schedulers do."""
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t)
-        if t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"t must be an integer tensor of timesteps, got {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
-            raise ValueError(f"t must lie in [0, {self.num_steps}), got range [{int(t.min())}, {int(t.max())}]")
-        v = values.to(like.device)[t.to(like.device)].to(like.dtype if like.is_floating_point() else torch.float32)
+        if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
+            raise TypeError(f"t must be a tensor of timesteps (int64, or float for fractional ones), got {t.dtype}")
+        if t.numel() and (float(t.min()) < 0 or float(t.max()) > self.num_steps - 1):
+            raise ValueError(f"t must lie in [0, {self.num_steps - 1}], got range [{float(t.min())}, {float(t.max())}]")
+        abar = self.alphas_cumprod.to(t.device)
+        if not t.is_floating_point():
+            return abar[t]
+        t = t.double()
+        lo = t.floor().long().clamp(max=self.num_steps - 2)
+        sig = ((1 - abar) / abar).sqrt()
+        s = torch.lerp(sig[lo], sig[lo + 1], t - lo)
+        return 1 / (1 + s * s)
+
+    def _at(self, values, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values(abar_t) shaped (N, 1, ..., 1) to broadcast against ``like`` (N, *S)."""
+        v = values(self.alphas_cumprod_at(t)).to(like.device)
+        v = v.to(like.dtype if like.is_floating_point() else torch.float32)
         return v.reshape(*v.shape, *([1] * (like.dim() - v.dim())))
 
     def sqrt_abar(self, t, like):
-        return self._at(self.alphas_cumprod.sqrt(), t, like)
+        return self._at(torch.sqrt, t, like)
 
     def sqrt_one_minus_abar(self, t, like):
-        return self._at((1 - self.alphas_cumprod).sqrt(), t, like)
+        return self._at(lambda a: (1 - a).sqrt(), t, like)
 
     # -- conversions --------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,10 @@ cached trials (compkern.pipelines.lift_maps) reuse them without one extra UNet r
 Supported folders: SD 1.x / 2.x (one CLIP text encoder; epsilon or v-prediction) and SDXL (two
 encoders, penultimate hidden states concatenated, pooled text_embeds and time_ids as added
 conditioning). The scheduler folder supplies the noise schedule and prediction type; sampling is
-compkern's DDIM (eta = 0) / DDPM (eta = 1) on that schedule.
+compkern's DDIM (eta = 0) / DDPM (eta = 1) on that schedule (``scheduler=None``, the default: the
+path early rejection and continuous batching run on), or any diffusers scheduler's ``step``
+(``scheduler='dpm++'``, 'euler', 'unipc', ... or an instance; ``SCHEDULERS``), with the same
+batched call, record and per-seed generators.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from compkern.models.base import evaluate_conditions
 from compkern.models.schedule import NoiseSchedule
 from compkern.ops import combine_eps
 from compkern.samplers.composed import ComposedEps, StepRecord
-from compkern.samplers.diffusion import ddim_sample
+from compkern.samplers.diffusion import ddim_sample, scheduler_sample
 
 if TYPE_CHECKING:
     from compkern.pipelines.early_reject import EarlyRejectRule
@@ -47,6 +50,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+# diffusers scheduler classes by the short names `compkern generate --scheduler` takes; 'folder' is
+# the folder's own scheduler class, None compkern's DDIM / DDPM.
+SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm++": "DPMSolverMultistepScheduler",
+              "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+              "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler", "heun": "HeunDiscreteScheduler"}
 
 
 # -- expressions ----------------------------------------------------------------------------------
@@ -398,6 +408,28 @@ class CompositionPipeline:
         return ConditionedUNet(self.unet, embeddings, self.schedule, self.prediction_type)
 
     # -- sampling --------------------------------------------------------------------------------
+    def resolve_scheduler(self, scheduler):
+        """None (compkern's DDIM / DDPM) or a diffusers scheduler: an instance, a name of
+        ``SCHEDULERS`` built from this folder's scheduler config, or 'folder' (the folder's own)."""
+        if scheduler is None:
+            return None
+        if isinstance(scheduler, str):
+            if scheduler == "folder":
+                return self.scheduler
+            if scheduler not in SCHEDULERS:
+                raise ValueError(f"scheduler must be None, 'folder', one of {sorted(SCHEDULERS)} or a diffusers "
+                                 f"scheduler instance, got {scheduler!r}")
+            import diffusers
+
+            return getattr(diffusers, SCHEDULERS[scheduler]).from_config(self.scheduler.config)
+        if not (hasattr(scheduler, "step") and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "config")):
+            raise TypeError(f"scheduler must be a diffusers scheduler instance or a name, got {type(scheduler).__name__}")
+        name = type(scheduler).__name__
+        if name.startswith("FlowMatch") or "num_train_timesteps" not in scheduler.config:
+            raise ValueError(f"scheduler {name} does not sample a noise-prediction (DDPM-trained) model; "
+                             f"use one of {sorted(SCHEDULERS)}")
+        return scheduler
+
     def generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         """One CPU generator per seed: it draws that image's initial latents, then its step noise
         (eta > 0), so an image never depends on the batch it lands in (diffusers' list of generators)."""
@@ -446,7 +478,8 @@ class CompositionPipeline:
                  height: int | None = None, width: int | None = None, chunk_size: int | str | None = None,
                  record: bool = True, record_every: int = 1, output_type: str = "pil",
                  latents: torch.Tensor | None = None, progress: bool = False,
-                 early_reject: "EarlyRejectRule | None" = None, negation: str = "linear") -> CompositionOutput:
+                 early_reject: "EarlyRejectRule | None" = None, negation: str = "linear",
+                 scheduler=None) -> CompositionOutput:
         """Generate len(seeds) images of the composed prompt.
 
         generate: 'joint' (default; classifier-free guidance on the joint caption of the required
@@ -461,7 +494,13 @@ class CompositionPipeline:
         there and halve on out-of-memory). early_reject: an ``early_reject.EarlyRejectRule``; at each
         of its checks the images whose partial margin is below its threshold stop (``alive``); without
         ``record`` the steps up to the last check are recorded for it (and nothing after). negation:
-        'linear' (a NOT is a negative weight) or 'perp' (perpendicular negation, ``perp_neg_eps``)."""
+        'linear' (a NOT is a negative weight) or 'perp' (perpendicular negation, ``perp_neg_eps``).
+        scheduler: None (compkern's DDIM, or DDPM-like with eta > 0), or a diffusers scheduler
+        (``resolve_scheduler``: 'dpm++', 'euler', 'unipc', 'folder', ... or an instance) whose step
+        takes the composed eps (``scheduler_sample``); early rejection needs None."""
+        sched = self.resolve_scheduler(scheduler)
+        if sched is not None and early_reject is not None:
+            raise ValueError("early_reject stops images on compkern's own DDIM sampler: pass scheduler=None")
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         comp, emb, weights, generate, clip_x0 = self.sampling_setup(
@@ -489,9 +528,14 @@ class CompositionPipeline:
             stop = None if early_reject is None else _EarlyStop(early_reject, comp, eps_fn, x_T, self.schedule, weights,
                                                                 record_every, clip_x0, num_inference_steps, negation)
             try:
-                x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
-                                 progress=progress, generator=gens if eta > 0 else None,
-                                 on_step=None if stop is None else stop)
+                if sched is None:
+                    x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
+                                     progress=progress, generator=gens if eta > 0 else None,
+                                     on_step=None if stop is None else stop)
+                else:
+                    x0 = scheduler_sample(eps_fn, x_T, sched, num_steps=num_inference_steps, schedule=self.schedule,
+                                          clip_x0=clip_x0, eta=eta, progress=progress,
+                                          generator=gens if len(gens) == x_T.shape[0] else None)
                 break
             except torch.OutOfMemoryError:
                 if chunk_size != "auto" or rows == 1:

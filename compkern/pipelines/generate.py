@@ -53,13 +53,14 @@ import torch
 
 from compkern.pipelines import early_reject as ER
 from compkern.pipelines import lift_maps as LM
+from compkern.pipelines.composition import SCHEDULERS
 from compkern.utils.checkpoint import load
 from compkern.utils.run_folder import RunFolder
 
 # settings that change which images are accepted: a resumed run must match them
 _FROZEN = ("model", "prompt", "negative_prompt", "seed", "batch_size", "steps", "guidance", "eta", "generate", "lift", "record_every",
            "trials", "target", "threshold", "min_pixels", "rule", "height", "width", "dtype", "early_reject", "pilot",
-           "early_check", "negation")
+           "early_check", "negation", "scheduler")
 
 
 @dataclass
@@ -81,6 +82,7 @@ class GenerateOptions:
     width: int | None = None
     generate: str = "joint"
     negation: str = "linear"
+    scheduler: str | None = None  # None: compkern's DDIM / DDPM; a CompositionPipeline.SCHEDULERS name or 'folder'
     lift: str = "auto"
     target: str = "auto"
     record_every: int | None = None  # None: record_every_default
@@ -205,12 +207,16 @@ def generate(args: GenerateOptions) -> dict | None:
         raise ValueError(f"--lift must be one of {LIFTS}, got {args.lift!r}")
     if args.trials < 1 and args.lift in ("auto", "fresh", "public"):
         raise ValueError(f"--trials must be >= 1 with --lift {args.lift}, got {args.trials}")
+    if args.scheduler not in (None, "folder", *SCHEDULERS):
+        raise ValueError(f"--scheduler must be 'folder' or one of {sorted(SCHEDULERS)}, got {args.scheduler!r}")
     if args.early_reject is not None:
         ER.check_confidence(args.early_reject)
         if args.pilot < 1:
             raise ValueError(f"--pilot must be >= 1 with --early-reject, got {args.pilot}")
         if args.lift == "none":
             raise ValueError("--early-reject needs a lift to predict (not --lift none)")
+        if args.scheduler is not None:
+            raise ValueError(f"--early-reject runs on compkern's DDIM sampler: drop --scheduler {args.scheduler}")
         if args.steps < 2:
             raise ValueError(f"--early-reject needs --steps >= 2 (a check between the first and the last), got {args.steps}")
         ER.default_checks(args.steps, args.early_check)
@@ -383,7 +389,8 @@ def _sample_kwargs(comp, args) -> dict:
     return dict(num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
                 eta=args.eta, generate=args.generate, negation=args.negation, record_joint=(cached and _uses_joint(comp, args.target)) or None,
                 height=args.height, width=args.width, record=cached,
-                record_every=args.record_every or record_every_default(comp, args.target))
+                record_every=args.record_every or record_every_default(comp, args.target),
+                **({} if args.scheduler is None else {"scheduler": args.scheduler}))
 
 
 def sample_batch(pipe, comp, seeds: list[int], args, *, early_reject: "ER.EarlyRejectRule | None" = None):

@@ -1,10 +1,12 @@
-"""Reverse diffusion on any eps callable: DDIM (eta = 0) and ancestral DDPM (eta = 1).
+"""Reverse diffusion on any eps callable: DDIM (eta = 0) and ancestral DDPM (eta = 1), and any
+diffusers scheduler's ``step`` (``scheduler_sample``: DPM-Solver++, Euler, UniPC, ...).
 
-Both use the same step (Song et al. 2021, eq. 12) on an evenly spaced subsequence of the
+DDIM and DDPM use the same step (Song et al. 2021, eq. 12) on an evenly spaced subsequence of the
 training timesteps; with eta = 1 it is the DDPM posterior of the respaced chain.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -98,3 +100,62 @@ def ddpm_sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, nu
     """Ancestral sampling (DDIM with eta = 1); num_steps None uses every training step."""
     return ddim_sample(eps_fn, x_T, schedule, num_steps=num_steps or schedule.num_steps, eta=1.0,
                        clip_x0=clip_x0, generator=generator, progress=progress)
+
+
+def _clip_eps(x_t: torch.Tensor, eps: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor, clip_x0: float) -> torch.Tensor:
+    """eps whose predicted x0 at x_t (VP scaling) is clamped to [-clip_x0, clip_x0]."""
+    x0 = schedule.eps_to_x0(x_t, eps, t).clamp(-clip_x0, clip_x0)
+    return schedule.x0_to_eps(x_t, x0, t)
+
+
+def epsilon_scheduler(scheduler):
+    """A fresh copy of a diffusers scheduler (same class and config) that takes eps predictions
+    (composition combines eps, so a v-prediction model's outputs are converted before the step)."""
+    if not (hasattr(scheduler, "step") and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "config")):
+        raise TypeError(f"scheduler must be a diffusers scheduler (set_timesteps, step, config), got {type(scheduler).__name__}")
+    config = dict(scheduler.config)
+    if "prediction_type" in config:
+        config["prediction_type"] = "epsilon"
+    return type(scheduler).from_config(config)
+
+
+def scheduler_sample(eps_fn: EpsFn, x_T: torch.Tensor, scheduler, *, num_steps: int = 50,
+                     schedule: NoiseSchedule | None = None, clip_x0: float | None = None, eta: float = 0.0,
+                     generator: Generators = None, progress: bool = False) -> torch.Tensor:
+    """x_T (B, *S) standard normal -> x_0 (B, *S) through a diffusers scheduler's ``step``, as
+    diffusers' pipelines call it: x = x_T * init_noise_sigma; per timestep t the model sees
+    ``scale_model_input(x, t)`` (the variance-preserving x_t at t, which is what a record keeps)
+    and eps_fn(x_t, t (B,)) -> eps goes to ``step`` (a copy of the scheduler set to eps
+    predictions, ``epsilon_scheduler``; its own state is never touched). ``eta`` goes to the
+    step where it takes one (DDIM), ``generator`` (one, or one per sample) where it draws noise.
+    clip_x0 (needs ``schedule``, the model's noise schedule) clamps the predicted x0 before the
+    step. NaN or inf eps raises FloatingPointError naming the step."""
+    if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
+        raise TypeError("x_T must be a tensor (B, *S)")
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T holds NaN or inf")
+    if clip_x0 is not None and schedule is None:
+        raise ValueError("clip_x0 needs the model's noise schedule (schedule=)")
+    sched = epsilon_scheduler(scheduler)
+    sched.set_timesteps(num_steps, device=x_T.device)
+    takes = inspect.signature(sched.step).parameters
+    kw = {}
+    if "eta" in takes:
+        kw["eta"] = float(eta)
+    elif eta:
+        raise ValueError(f"eta={eta}: {type(sched).__name__}.step takes no eta")
+    if "generator" in takes and generator is not None:
+        kw["generator"] = generator if isinstance(generator, torch.Generator) else list(generator)
+    x = x_T * sched.init_noise_sigma
+    timesteps = sched.timesteps
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+        x_t = sched.scale_model_input(x, t)
+        t_vec = t.reshape(1).expand(x.shape[0]).to(x.device)
+        eps = eps_fn(x_t, t_vec).to(x.dtype)
+        if not bool(torch.isfinite(eps).all()):
+            raise FloatingPointError(f"scheduler_sample: the eps model returned NaN or inf at step {i} of "
+                                     f"{len(timesteps)} (t={float(t)}); check the model (and the composition weights) there")
+        if clip_x0 is not None:
+            eps = _clip_eps(x_t, eps, schedule, t_vec, clip_x0)
+        x = sched.step(eps, t, x, return_dict=False, **kw)[0]
+    return x
