@@ -16,6 +16,7 @@ DESCRIPTION = ("compositional diffusion (CompLift, composable diffusion, MCMC sa
 COMMANDS = {
     "demo": ("compkern.experiments.demo", "CompLift on 2-D compositions: train tiny models, print the accuracy table, write a PNG"),
     "bench": ("compkern.experiments.bench", "benchmark the ops (torch eager, torch.compile, C++) against the bandwidth floor"),
+    "flow-lift": ("compkern.experiments.flow_lift", "CompLift for a flow-matching model vs the exact density ratio (2-D)"),
     "toy2d": ("compkern.experiments.toy2d", "2-D product/mixture/negation: reverse diffusion vs ULA/MALA/HMC"),
     "coind": ("compkern.experiments.coind", "CoInD on colored digits: train, sample, evaluate JSD and conformity"),
     "sepen": ("compkern.experiments.sepen", "Separate-and-Enhance on a procedural shapes world: train, finetune, evaluate"),

@@ -54,8 +54,12 @@ class GaussianClassesEps(torch.nn.Module):
         return eps, logp
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.eps_at(x_t, self.abar[t], cond)
+
+    def eps_at(self, x_t: torch.Tensor, abar: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The exact eps at any level: x_t (N, D), abar (N,) in (0, 1), cond (N,) -> (N, D)."""
         x = x_t.double()
-        eps_k, logp = self._class_terms(x, self.abar[t])
+        eps_k, logp = self._class_terms(x, abar.double().to(x.device))
         cond = torch.as_tensor(cond, device=x.device).long()
         post = torch.softmax(logp + self.priors.log()[None], dim=1)  # (N, K)
         eps_null = (post[:, :, None] * eps_k).sum(1)

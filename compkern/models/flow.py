@@ -1,0 +1,66 @@
+"""Flow matching (rectified flow, as SD3 trains): x_t = (1 - t) x0 + t eps, t in [0, 1], and a
+velocity model v(x_t, t, c) ~ E[eps - x0 | x_t] trained with |v - (eps - x0)|^2.
+
+The path is a variance-preserving diffusion rescaled: x_t = c_t (a x0 + s eps) with c_t =
+sqrt((1 - t)^2 + t^2), a = (1 - t) / c_t, s = t / c_t, so abar(t) = (1 - t)^2 / c_t^2; and a velocity
+is an eps prediction in disguise, eps = x_t + (1 - t) v (``velocity_to_eps``), so
+|eps - eps_hat|^2 = (1 - t)^2 |u - v|^2 with u = eps - x0. CompLift's lift carries over through
+that identity (``compkern.lift.flow``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compkern.models.mlp import ConditionalMLP, timestep_embedding
+
+__all__ = ["FlowVelocityMLP", "flow_abar", "flow_interpolate", "velocity_to_eps"]
+
+
+def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise, t (N,) broadcast over x0 (N, *S)."""
+    tt = t.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+    return (1 - tt) * x0 + tt * noise
+
+
+def velocity_to_eps(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The eps prediction a velocity makes: eps = x_t + (1 - t) v (x0 = x_t - t v)."""
+    tt = t.to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+    return x_t + (1 - tt) * v
+
+
+def flow_abar(t: torch.Tensor) -> torch.Tensor:
+    """The variance-preserving level of flow time t: abar = (1 - t)^2 / ((1 - t)^2 + t^2)."""
+    t = t.double()
+    return (1 - t) ** 2 / ((1 - t) ** 2 + t ** 2)
+
+
+class FlowVelocityMLP(ConditionalMLP):
+    """ConditionalMLP as a velocity model: ``model(x_t (N, dim), t (N,) float in [0, 1], cond (N,)
+    int64 in [0, num_classes]) -> v (N, dim)``; cond == ``null_id`` is unconditional."""
+
+    def __init__(self, num_classes: int, dim: int = 2, hidden: int = 128, depth: int = 3):
+        super().__init__(num_classes, dim=dim, hidden=hidden, depth=depth, num_steps=1000)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point() or x_t.dim() != 2 or x_t.shape[1] != self.dim:
+            raise ValueError(f"x_t must be a floating-point tensor (N, {self.dim})")
+        N = x_t.shape[0]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (N,):
+            raise TypeError(f"t must be a float tensor (N,) = ({N},) of flow times in [0, 1]")
+        if N and (float(t.min()) < 0 or float(t.max()) > 1):
+            raise ValueError(f"t must lie in [0, 1], got range [{float(t.min())}, {float(t.max())}]")
+        if not isinstance(cond, torch.Tensor) or cond.dtype != torch.int64 or cond.shape != (N,):
+            raise TypeError(f"cond must be an int64 tensor (N,) = ({N},) of class ids in [0, {self.num_classes}]")
+        if N and (int(cond.min()) < 0 or int(cond.max()) > self.num_classes):
+            raise ValueError(f"cond ids must lie in [0, {self.num_classes}], got [{int(cond.min())}, {int(cond.max())}]")
+        temb = timestep_embedding(t * self.num_steps, self.hidden, self.num_steps).to(x_t.dtype)
+        emb = nn.functional.silu(self.t_mlp(temb) + self.c_emb(cond))
+        h = self.inp(x_t)
+        rows = torch.arange(N, device=x_t.device)
+        for blk in self.blocks:
+            h = blk(h, emb, rows)
+        return self.out(nn.functional.silu(self.out_norm(h)))
+
+    def config(self) -> dict:
+        return {"num_classes": self.num_classes, "dim": self.dim, "hidden": self.hidden, "depth": self.depth}
