@@ -114,3 +114,39 @@ def test_bad_schedulers_are_refused(pipes):
         pipe("a car AND NOT a dog", scheduler="dpm++", early_reject=rule)
     with pytest.raises(ValueError, match="takes no eta"):
         pipe("a car", scheduler="euler", eta=1.0, num_inference_steps=2)
+
+
+def test_a_diffusion_pipeline_with_callbacks_save_and_a_swapped_scheduler(pipes, tmp_path):
+    """CompositionPipeline is a diffusers DiffusionPipeline: components, save_pretrained and
+    loading back, .to(dtype) (prompts re-encoded in the new dtype), callback_on_step_end (called
+    once per step with diffusers' arguments; returned latents replace the running ones), and
+    ``pipe.scheduler = ...`` followed by scheduler='folder'."""
+    pipe, ref = pipes
+    assert isinstance(pipe, diffusers.DiffusionPipeline)
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(pipe.components)
+    pipe.save_pretrained(tmp_path / "saved")
+    back = CompositionPipeline.from_pretrained(tmp_path / "saved")
+    kw = dict(seeds=[1], num_inference_steps=3, output_type="latent")
+    assert torch.equal(back("a car AND NOT a dog", **kw).latents, pipe("a car AND NOT a dog", **kw).latents)
+    back.to(torch.float64)
+    assert back("a car", **kw).latents.dtype == torch.float32 and back.encode(["", "a car"]).states.dtype == torch.float64
+    for name in (None, "dpm++"):
+        seen = []
+
+        def cb(p, i, t, kwargs):
+            seen.append((p, i, int(t)))
+            return {"latents": torch.zeros_like(kwargs["latents"])} if i == 2 else {}
+
+        out = pipe("a car", scheduler=name, callback_on_step_end=cb, **kw)
+        assert [i for _, i, _ in seen] == [0, 1, 2] and all(p is pipe for p, _, _ in seen)
+        assert float(out.latents.abs().max()) == 0.0  # the last step's returned latents are the output
+    with pytest.raises(TypeError, match="callback_on_step_end"):
+        pipe("a car", callback_on_step_end=3, **kw)
+    old = pipe.scheduler
+    try:
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(old.config)
+        a = pipe("a car", scheduler="folder", **kw).latents
+        b = pipe("a car", scheduler="euler", **kw).latents
+        assert torch.equal(a, b)
+    finally:
+        pipe.scheduler = old

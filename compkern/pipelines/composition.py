@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+from diffusers import DiffusionPipeline
 
 from compkern.models.base import evaluate_conditions
 from compkern.models.schedule import NoiseSchedule
@@ -282,17 +283,20 @@ class _EarlyStop:
         return out
 
 
-class CompositionPipeline:
+class CompositionPipeline(DiffusionPipeline):
     """Composed generation (Composable Diffusion with one batched UNet call per step) over the
-    components of a diffusers Stable Diffusion folder. Build with ``from_pretrained``."""
+    components of a diffusers Stable Diffusion folder: a diffusers ``DiffusionPipeline`` (registered
+    modules, ``.to()``, ``save_pretrained``, ``components``, ``enable_model_cpu_offload`` with
+    accelerate). Build with ``from_pretrained`` (a local folder) or ``from_pipe`` (a loaded pipeline)."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None):
-        self.unet, self.vae, self.scheduler = unet, vae, scheduler
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.is_sdxl = text_encoder_2 is not None
-        self.schedule = NoiseSchedule.from_diffusers(scheduler)
-        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self._cache: dict[tuple[str, ...], PromptEmbeddings] = {}
         self.n_encodes = 0  # text-encoder batches run (prompts are encoded once per pipeline)
         self.last_chunk_size: int | None = None  # the rows per UNet call the last generation used
@@ -338,6 +342,17 @@ class CompositionPipeline:
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler, te2, tok2)
 
     @property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule of the scheduler now set (``pipe.scheduler = ...`` swaps it)."""
+        if getattr(self, "_schedule_of", None) is not self.scheduler:
+            self._schedule, self._schedule_of = NoiseSchedule.from_diffusers(self.scheduler), self.scheduler
+        return self._schedule
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -376,7 +391,7 @@ class CompositionPipeline:
     def encode(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None) -> PromptEmbeddings:
         """Encode prompts (row 0 the base) once; later calls with the same prompts and size hit a cache."""
         prompts = [str(p) for p in prompts]
-        key = (*prompts, str(height), str(width))
+        key = (*prompts, str(height), str(width), str(self.dtype), str(self.device))  # .to() re-encodes
         if key in self._cache:
             return self._cache[key]
         self.n_encodes += 1
@@ -479,7 +494,7 @@ class CompositionPipeline:
                  record: bool = True, record_every: int = 1, output_type: str = "pil",
                  latents: torch.Tensor | None = None, progress: bool = False,
                  early_reject: "EarlyRejectRule | None" = None, negation: str = "linear",
-                 scheduler=None) -> CompositionOutput:
+                 scheduler=None, callback_on_step_end=None) -> CompositionOutput:
         """Generate len(seeds) images of the composed prompt.
 
         generate: 'joint' (default; classifier-free guidance on the joint caption of the required
@@ -497,7 +512,9 @@ class CompositionPipeline:
         'linear' (a NOT is a negative weight) or 'perp' (perpendicular negation, ``perp_neg_eps``).
         scheduler: None (compkern's DDIM, or DDPM-like with eta > 0), or a diffusers scheduler
         (``resolve_scheduler``: 'dpm++', 'euler', 'unipc', 'folder', ... or an instance) whose step
-        takes the composed eps (``scheduler_sample``); early rejection needs None."""
+        takes the composed eps (``scheduler_sample``); early rejection needs None.
+        callback_on_step_end(pipe, step, t, {"latents": x}) -> dict, as diffusers calls it after each
+        step; a returned "latents" replaces the latents (of the images still running)."""
         sched = self.resolve_scheduler(scheduler)
         if sched is not None and early_reject is not None:
             raise ValueError("early_reject stops images on compkern's own DDIM sampler: pass scheduler=None")
@@ -527,14 +544,14 @@ class CompositionPipeline:
                                  negation=negation)
             stop = None if early_reject is None else _EarlyStop(early_reject, comp, eps_fn, x_T, self.schedule, weights,
                                                                 record_every, clip_x0, num_inference_steps, negation)
+            on_step = self._on_step(stop, callback_on_step_end, sched, num_inference_steps)
             try:
                 if sched is None:
                     x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
-                                     progress=progress, generator=gens if eta > 0 else None,
-                                     on_step=None if stop is None else stop)
+                                     progress=progress, generator=gens if eta > 0 else None, on_step=on_step)
                 else:
                     x0 = scheduler_sample(eps_fn, x_T, sched, num_steps=num_inference_steps, schedule=self.schedule,
-                                          clip_x0=clip_x0, eta=eta, progress=progress,
+                                          clip_x0=clip_x0, eta=eta, progress=progress, on_step=on_step,
                                           generator=gens if len(gens) == x_T.shape[0] else None)
                 break
             except torch.OutOfMemoryError:
@@ -552,6 +569,30 @@ class CompositionPipeline:
         images = None if output_type == "latent" else self.decode(x0, output_type=output_type)
         return CompositionOutput(images, x0, eps_fn.record if record else None, eps_fn.n_evals,
                                  comp, weights, seeds, emb.prompts, generate, **extra)
+
+    def _on_step(self, stop: "_EarlyStop | None", callback, sched, num_steps: int):
+        """The samplers' on_step: diffusers' callback_on_step_end (its "latents" copied in), then early rejection."""
+        if callback is None:
+            return stop
+        if not callable(callback):
+            raise TypeError(f"callback_on_step_end must be callable(pipe, step, t, callback_kwargs), got {type(callback).__name__}")
+        if sched is None:
+            ts = self.schedule.timesteps(num_steps)
+        else:  # the timesteps scheduler_sample's copy of the scheduler steps through
+            probe = type(sched).from_config(sched.config)
+            probe.set_timesteps(num_steps)
+            ts = probe.timesteps
+
+        def on_step(s: int, x: torch.Tensor):
+            ret = callback(self, s - 1, ts[s - 1], {"latents": x})
+            new = (ret or {}).get("latents")
+            if new is not None and new is not x:
+                if new.shape != x.shape:
+                    raise ValueError(f"callback_on_step_end returned latents {tuple(new.shape)}, expected {tuple(x.shape)}")
+                x.copy_(new)
+            return None if stop is None else stop(s, x)
+
+        return on_step
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: PromptEmbeddings, *,
                 chunk_size: int | None = None) -> torch.Tensor:

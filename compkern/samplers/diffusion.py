@@ -121,7 +121,8 @@ def epsilon_scheduler(scheduler):
 
 def scheduler_sample(eps_fn: EpsFn, x_T: torch.Tensor, scheduler, *, num_steps: int = 50,
                      schedule: NoiseSchedule | None = None, clip_x0: float | None = None, eta: float = 0.0,
-                     generator: Generators = None, progress: bool = False) -> torch.Tensor:
+                     generator: Generators = None, progress: bool = False,
+                     on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """x_T (B, *S) standard normal -> x_0 (B, *S) through a diffusers scheduler's ``step``, as
     diffusers' pipelines call it: x = x_T * init_noise_sigma; per timestep t the model sees
     ``scale_model_input(x, t)`` (the variance-preserving x_t at t, which is what a record keeps)
@@ -129,7 +130,9 @@ def scheduler_sample(eps_fn: EpsFn, x_T: torch.Tensor, scheduler, *, num_steps: 
     predictions, ``epsilon_scheduler``; its own state is never touched). ``eta`` goes to the
     step where it takes one (DDIM), ``generator`` (one, or one per sample) where it draws noise.
     clip_x0 (needs ``schedule``, the model's noise schedule) clamps the predicted x0 before the
-    step. NaN or inf eps raises FloatingPointError naming the step."""
+    step. NaN or inf eps raises FloatingPointError naming the step. ``on_step(s, x)`` runs after s
+    steps (it may change x in place; no sample leaves the batch here: a multistep scheduler's
+    history is batch-wide)."""
     if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
         raise TypeError("x_T must be a tensor (B, *S)")
     if not bool(torch.isfinite(x_T).all()):
@@ -158,4 +161,6 @@ def scheduler_sample(eps_fn: EpsFn, x_T: torch.Tensor, scheduler, *, num_steps: 
         if clip_x0 is not None:
             eps = _clip_eps(x_t, eps, schedule, t_vec, clip_x0)
         x = sched.step(eps, t, x, return_dict=False, **kw)[0]
+        if on_step is not None and on_step(i + 1, x) is not None:
+            raise ValueError("scheduler_sample: on_step must return None (samples cannot leave a scheduler's batch)")
     return x
