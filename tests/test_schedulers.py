@@ -150,3 +150,20 @@ def test_a_diffusion_pipeline_with_callbacks_save_and_a_swapped_scheduler(pipes,
         assert torch.equal(a, b)
     finally:
         pipe.scheduler = old
+
+
+@pytest.mark.parametrize("name", ["dpm++", "euler_a"])
+def test_sdxl_plain_prompt_samples_as_diffusers_with_a_scheduler(tmp_path_factory, name):
+    """SDXL (two encoders, added conditioning): the same latents as diffusers' own
+    StableDiffusionXLPipeline for a plain prompt, given a negative prompt (diffusers zeroes an
+    absent one, compkern encodes the base row like any prompt)."""
+    path = save_tiny_pipeline(tmp_path_factory.mktemp("xl") / "sdxl", sdxl=True)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    pipe = CompositionPipeline.from_pipe(ref)
+    ref.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    kw = dict(num_inference_steps=3, guidance_scale=3.0, output_type="latent")
+    ours = pipe("a black car", seeds=[3, 4], scheduler=name, negative_prompt="a dog", **kw)
+    theirs = ref(["a black car"] * 2, negative_prompt=["a dog"] * 2,
+                 generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **kw)
+    torch.testing.assert_close(ours.latents, theirs.images, rtol=1e-4, atol=1e-4)
