@@ -10,9 +10,7 @@ that identity (``compkern.lift.flow``).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from compkern.models.mlp import ConditionalMLP, timestep_embedding
+from compkern.models.mlp import ConditionalMLP
 
 __all__ = ["FlowVelocityMLP", "flow_abar", "flow_interpolate", "velocity_to_eps"]
 
@@ -54,13 +52,7 @@ class FlowVelocityMLP(ConditionalMLP):
             raise TypeError(f"cond must be an int64 tensor (N,) = ({N},) of class ids in [0, {self.num_classes}]")
         if N and (int(cond.min()) < 0 or int(cond.max()) > self.num_classes):
             raise ValueError(f"cond ids must lie in [0, {self.num_classes}], got [{int(cond.min())}, {int(cond.max())}]")
-        temb = timestep_embedding(t * self.num_steps, self.hidden, self.num_steps).to(x_t.dtype)
-        emb = nn.functional.silu(self.t_mlp(temb) + self.c_emb(cond))
-        h = self.inp(x_t)
-        rows = torch.arange(N, device=x_t.device)
-        for blk in self.blocks:
-            h = blk(h, emb, rows)
-        return self.out(nn.functional.silu(self.out_norm(h)))
+        return self.trunk(x_t, t * self.num_steps, cond, torch.arange(N, device=x_t.device))
 
     def config(self) -> dict:
         return {"num_classes": self.num_classes, "dim": self.dim, "hidden": self.hidden, "depth": self.depth}

@@ -93,10 +93,14 @@ class ConditionalMLP(nn.Module):
         # the (time, class) embeddings depend on the pair only: compute them once per distinct pair
         # (a batched multi-condition call has few), then gather per row
         keys, inverse = torch.unique(t.long() * (self.num_classes + 1) + cond.long(), return_inverse=True)
-        ut, uc = keys // (self.num_classes + 1), keys % (self.num_classes + 1)
-        temb = timestep_embedding(ut, self.hidden, self.num_steps).to(x_t.dtype)
-        emb = nn.functional.silu(self.t_mlp(temb) + self.c_emb(uc))
+        return self.trunk(x_t, keys // (self.num_classes + 1), keys % (self.num_classes + 1), inverse)
+
+    def trunk(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The network on checked inputs: x_t (N, dim), the (time, class) pairs t (U,), cond (U,)
+        (U distinct ones, t on the 0..num_steps scale, integer or not), index (N,) row -> pair."""
+        temb = timestep_embedding(t, self.hidden, self.num_steps).to(x_t.dtype)
+        emb = nn.functional.silu(self.t_mlp(temb) + self.c_emb(cond))
         h = self.inp(x_t)
         for blk in self.blocks:
-            h = blk(h, emb, inverse)
+            h = blk(h, emb, index)
         return self.out(nn.functional.silu(self.out_norm(h)))

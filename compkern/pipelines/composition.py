@@ -35,7 +35,7 @@ from compkern.models.base import evaluate_conditions
 from compkern.models.schedule import NoiseSchedule
 from compkern.ops import combine_eps
 from compkern.samplers.composed import ComposedEps, StepRecord
-from compkern.samplers.diffusion import ddim_sample, scheduler_sample
+from compkern.samplers.diffusion import check_scheduler, ddim_sample, epsilon_scheduler, scheduler_sample
 
 if TYPE_CHECKING:
     from compkern.pipelines.early_reject import EarlyRejectRule
@@ -437,8 +437,7 @@ class CompositionPipeline(DiffusionPipeline):
             import diffusers
 
             return getattr(diffusers, SCHEDULERS[scheduler]).from_config(self.scheduler.config)
-        if not (hasattr(scheduler, "step") and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "config")):
-            raise TypeError(f"scheduler must be a diffusers scheduler instance or a name, got {type(scheduler).__name__}")
+        check_scheduler(scheduler)
         name = type(scheduler).__name__
         if name.startswith("FlowMatch") or "num_train_timesteps" not in scheduler.config:
             raise ValueError(f"scheduler {name} does not sample a noise-prediction (DDPM-trained) model; "
@@ -579,7 +578,7 @@ class CompositionPipeline(DiffusionPipeline):
         if sched is None:
             ts = self.schedule.timesteps(num_steps)
         else:  # the timesteps scheduler_sample's copy of the scheduler steps through
-            probe = type(sched).from_config(sched.config)
+            probe = epsilon_scheduler(sched)
             probe.set_timesteps(num_steps)
             ts = probe.timesteps
 

@@ -108,11 +108,17 @@ def _clip_eps(x_t: torch.Tensor, eps: torch.Tensor, schedule: NoiseSchedule, t: 
     return schedule.x0_to_eps(x_t, x0, t)
 
 
+def check_scheduler(scheduler) -> None:
+    """TypeError unless ``scheduler`` has a diffusers scheduler's set_timesteps, step and config."""
+    if not (hasattr(scheduler, "step") and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "config")):
+        raise TypeError(f"scheduler must be a diffusers scheduler instance (set_timesteps, step, config) or a name, "
+                        f"got {type(scheduler).__name__}")
+
+
 def epsilon_scheduler(scheduler):
     """A fresh copy of a diffusers scheduler (same class and config) that takes eps predictions
     (composition combines eps, so a v-prediction model's outputs are converted before the step)."""
-    if not (hasattr(scheduler, "step") and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "config")):
-        raise TypeError(f"scheduler must be a diffusers scheduler (set_timesteps, step, config), got {type(scheduler).__name__}")
+    check_scheduler(scheduler)
     config = dict(scheduler.config)
     if "prediction_type" in config:
         config["prediction_type"] = "epsilon"
