@@ -10,9 +10,11 @@ that identity (``compkern.lift.flow``).
 from __future__ import annotations
 
 import torch
-from compkern.models.mlp import ConditionalMLP
 
-__all__ = ["FlowVelocityMLP", "flow_abar", "flow_interpolate", "velocity_to_eps"]
+from compkern.models.mlp import ConditionalMLP
+from compkern.models.schedule import NoiseSchedule
+
+__all__ = ["FlowMatchSchedule", "FlowVelocityMLP", "VelocityEps", "flow_abar", "flow_interpolate", "flow_scale", "velocity_to_eps"]
 
 
 def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -27,10 +29,66 @@ def velocity_to_eps(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torc
     return x_t + (1 - tt) * v
 
 
+def flow_scale(t: torch.Tensor) -> torch.Tensor:
+    """c(t) = sqrt((1 - t)^2 + t^2), fp64: x_t = c (a x0 + s eps) is the variance-preserving x_t rescaled."""
+    t = t.double()
+    return ((1 - t) ** 2 + t ** 2).sqrt()
+
+
 def flow_abar(t: torch.Tensor) -> torch.Tensor:
     """The variance-preserving level of flow time t: abar = (1 - t)^2 / ((1 - t)^2 + t^2)."""
     t = t.double()
     return (1 - t) ** 2 / ((1 - t) ** 2 + t ** 2)
+
+
+class FlowMatchSchedule(NoiseSchedule):
+    """The variance-preserving view of a flow-matching model whose timestep t in [0, T] means sigma
+    = t / T (diffusers' FlowMatchEulerDiscreteScheduler, SD3: T = num_train_timesteps): x_flow =
+    (1 - sigma) x0 + sigma eps = c x_vp with c = sqrt((1 - sigma)^2 + sigma^2) and abar(t) =
+    ``flow_abar(sigma)``. Integer or float t in [0, T]; the table ``alphas_cumprod`` (T,) holds t
+    = 0 .. T - 1 (abar(0) = 1, so betas[0] = 0: a flow model is not sampled by compkern's DDIM;
+    it steps its flow-matching scheduler). Everything CompLift reads (add_noise, eps_to_x0,
+    sample_t, the evenly spaced trials) works on it as on any NoiseSchedule."""
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        T = int(num_train_timesteps)
+        if T < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        self.T = T
+        self.alphas_cumprod = flow_abar(torch.arange(T, dtype=torch.float64) / T)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.betas = 1 - self.alphas_cumprod / prev
+
+    @classmethod
+    def from_diffusers(cls, scheduler) -> "FlowMatchSchedule":
+        return cls(scheduler.config.num_train_timesteps)
+
+    def alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
+        """abar at timesteps t (N,) in [0, T], fp64: flow_abar(t / T)."""
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t)
+        if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
+            raise TypeError(f"t must be a tensor of timesteps (int64 or float), got {t.dtype}")
+        if t.numel() and (float(t.min()) < 0 or float(t.max()) > self.T):
+            raise ValueError(f"t must lie in [0, {self.T}], got range [{float(t.min())}, {float(t.max())}]")
+        return flow_abar(t.double() / self.T)
+
+
+class VelocityEps(torch.nn.Module):
+    """An EpsModel (variance-preserving x_t, t in [0, T], cond -> eps) over a velocity model
+    ``velocity(x_flow, t float timesteps sigma * T, cond) -> v`` of a ``FlowMatchSchedule``: x_flow =
+    c x_vp, eps = x_flow + (1 - sigma) v (``velocity_to_eps``), so CompLift's eps-loss difference
+    is the flow-matching loss difference weighted by (1 - sigma)^2 at shared (noise, t)."""
+
+    def __init__(self, velocity, schedule: FlowMatchSchedule):
+        super().__init__()
+        self.velocity, self.schedule = velocity, schedule
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        sigma = t.double() / self.schedule.T
+        x_flow = x_t * flow_scale(sigma).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+        v = self.velocity(x_flow, t.double() if x_t.dtype == torch.float64 else t.float(), cond)
+        return velocity_to_eps(x_flow, v.to(x_flow.dtype), sigma.to(x_flow.dtype))
 
 
 class FlowVelocityMLP(ConditionalMLP):

@@ -20,10 +20,11 @@ CompVis/stable-diffusion-v1-4 --local-dir sd14`` on a machine with internet, the
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -82,6 +83,26 @@ class UNetEps(torch.nn.Module):
         return SDComponents.from_pretrained(path, load_text=False, **kwargs).eps_model()
 
 
+def diffusers_load_kwargs() -> dict:
+    """Loader options that need no warning: without accelerate, diffusers falls back to a plain
+    load and warns each time unless low_cpu_mem_usage=False is asked for."""
+    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Loading without transformers' per-model "Loading weights" progress bars (restored after)."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
 @dataclass
 class SDComponents:
     """The parts of a Stable Diffusion 1.x folder compkern uses."""
@@ -107,8 +128,7 @@ class SDComponents:
             if not os.path.isdir(os.path.join(path, sub)):
                 raise ValueError(f"{path!r} has no {sub}/ subfolder (expected the Stable Diffusion 1.x layout)")
         dt = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        # without accelerate, diffusers falls back to a plain load and warns each time: ask for it
-        quiet = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+        quiet = diffusers_load_kwargs()
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, **dt, **quiet)
         try:  # the scheduler's class is irrelevant here: only betas and prediction_type are used
             scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
@@ -118,7 +138,8 @@ class SDComponents:
         if load_text:
             from transformers import AutoTokenizer, CLIPTextModel
             parts.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-            parts.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True, **dt)
+            with quiet_loading():
+                parts.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True, **dt)
         if with_vae:
             parts.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, **dt, **quiet)
         for m in (parts.unet, parts.text_encoder, parts.vae):

@@ -11,9 +11,10 @@ condition-major batched UNet call ((K+1) x B rows, ``chunk_size`` rows at a time
 With ``record=True`` (the default) every step's (x_t, t, preds) stay on the device: CompLift's
 cached trials (compkern.pipelines.lift_maps) reuse them without one extra UNet row.
 
-Supported folders: SD 1.x / 2.x (one CLIP text encoder; epsilon or v-prediction) and SDXL (two
+Supported folders: SD 1.x / 2.x (one CLIP text encoder; epsilon or v-prediction), SDXL (two
 encoders, penultimate hidden states concatenated, pooled text_embeds and time_ids as added
-conditioning). The scheduler folder supplies the noise schedule and prediction type; sampling is
+conditioning) and SD3 / SD3.5 (``compkern.pipelines.sd3``: a flow-matching transformer, which
+``from_pretrained`` / ``from_pipe`` pick by the folder's transformer/). The scheduler folder supplies the noise schedule and prediction type; sampling is
 compkern's DDIM (eta = 0) / DDPM (eta = 1) on that schedule (``scheduler=None``, the default: the
 path early rejection and continuous batching run on), or any diffusers scheduler's ``step``
 (``scheduler='dpm++'``, 'euler', 'unipc', ... or an instance; ``SCHEDULERS``), with the same
@@ -35,7 +36,8 @@ from compkern.models.base import evaluate_conditions
 from compkern.models.schedule import NoiseSchedule
 from compkern.ops import combine_eps
 from compkern.samplers.composed import ComposedEps, StepRecord
-from compkern.samplers.diffusion import check_scheduler, ddim_sample, epsilon_scheduler, scheduler_sample
+from compkern.samplers.diffusion import (check_scheduler, ddim_sample, epsilon_scheduler, is_flow_scheduler,
+                                        scheduler_sample)
 
 if TYPE_CHECKING:
     from compkern.pipelines.early_reject import EarlyRejectRule
@@ -291,15 +293,24 @@ class CompositionPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
+    schedule_type = NoiseSchedule  # the noise schedule the folder's scheduler defines
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.is_sdxl = text_encoder_2 is not None
+        self._init_state()
+
+    def _init_state(self) -> None:
         self._cache: dict[tuple[str, ...], PromptEmbeddings] = {}
         self.n_encodes = 0  # text-encoder batches run (prompts are encoded once per pipeline)
         self.last_chunk_size: int | None = None  # the rows per UNet call the last generation used
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network every condition row runs through (the UNet; SD3's transformer)."""
+        return self.unet
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -308,6 +319,10 @@ class CompositionPipeline(DiffusionPipeline):
         (StableDiffusionPipeline, StableDiffusionXLPipeline, or any with unet, vae, text_encoder,
         tokenizer, scheduler and for SDXL text_encoder_2, tokenizer_2): the same module objects,
         no weight copied; its scheduler supplies the noise schedule and prediction type."""
+        if cls is CompositionPipeline and getattr(pipe, "transformer", None) is not None:
+            from compkern.pipelines.sd3 import SD3CompositionPipeline
+
+            return SD3CompositionPipeline.from_pipe(pipe)
         missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
         if missing:
             raise TypeError(f"from_pipe needs a pipeline with {missing} ({type(pipe).__name__} has none)")
@@ -324,9 +339,13 @@ class CompositionPipeline(DiffusionPipeline):
         VAE whose config says force_upcast (fp32)."""
         from transformers import CLIPTextModelWithProjection
 
-        from compkern.models.unet import SDComponents
+        from compkern.models.unet import SDComponents, quiet_loading
 
         path = Path(path)
+        if cls is CompositionPipeline and (path / "transformer").is_dir():
+            from compkern.pipelines.sd3 import SD3CompositionPipeline
+
+            return SD3CompositionPipeline.from_pretrained(path, dtype=dtype, device=device)
         dtype = resolve_dtype(dtype)
         parts = SDComponents.from_pretrained(path, with_vae=(path / "vae").is_dir(), torch_dtype=dtype, device=device)
         if parts.vae is not None and parts.vae.config.get("force_upcast", False):
@@ -335,8 +354,9 @@ class CompositionPipeline(DiffusionPipeline):
         if (path / "text_encoder_2").is_dir():  # SDXL
             from transformers import AutoTokenizer
 
-            te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype,
-                                                              local_files_only=True)
+            with quiet_loading():
+                te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype,
+                                                                  local_files_only=True)
             te2 = te2.to(device).requires_grad_(False).eval()
             tok2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler, te2, tok2)
@@ -345,7 +365,7 @@ class CompositionPipeline(DiffusionPipeline):
     def schedule(self) -> NoiseSchedule:
         """The noise schedule of the scheduler now set (``pipe.scheduler = ...`` swaps it)."""
         if getattr(self, "_schedule_of", None) is not self.scheduler:
-            self._schedule, self._schedule_of = NoiseSchedule.from_diffusers(self.scheduler), self.scheduler
+            self._schedule, self._schedule_of = self.schedule_type.from_diffusers(self.scheduler), self.scheduler
         return self._schedule
 
     @property
@@ -354,15 +374,20 @@ class CompositionPipeline(DiffusionPipeline):
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.denoiser.dtype
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.denoiser.config.in_channels)
+
+    @property
+    def sample_size(self) -> int:
+        """Image pixels per side by default."""
+        return int(self.denoiser.config.sample_size) * self.vae_scale
 
     @property
     def vae_scale(self) -> int:
@@ -371,8 +396,8 @@ class CompositionPipeline(DiffusionPipeline):
 
     # -- prompts ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _encode_one(self, prompts: list[str], tokenizer, text_encoder, penultimate: bool):
-        limit = tokenizer.model_max_length
+    def _encode_one(self, prompts: list[str], tokenizer, text_encoder, penultimate: bool, max_length: int | None = None):
+        limit = max_length or tokenizer.model_max_length
         for prompt in prompts:  # as diffusers does: warn, then encode the first `limit` tokens
             n = len(tokenizer(prompt, truncation=False).input_ids)
             if n > limit:
@@ -404,8 +429,7 @@ class CompositionPipeline(DiffusionPipeline):
             # the empty prompt is encoded like any other (CompLift's public code), not zeroed as
             # diffusers' SDXL does for a missing negative prompt (force_zeros_for_empty_prompt)
             states = torch.cat([s1, s2.to(s1.dtype)], dim=-1)
-            h = height or self.unet.config.sample_size * self.vae_scale
-            w = width or self.unet.config.sample_size * self.vae_scale
+            h, w = height or self.sample_size, width or self.sample_size
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=states.device).expand(len(prompts), 6)
             emb = PromptEmbeddings(prompts, states.to(self.dtype), pooled.to(self.dtype), time_ids.contiguous())
         self._cache[key] = emb
@@ -420,7 +444,20 @@ class CompositionPipeline(DiffusionPipeline):
         return comp, self.encode(rows, height=height, width=width)
 
     def eps_model(self, embeddings: PromptEmbeddings) -> ConditionedUNet:
+        """The EpsModel over condition ids that CompLift's trials evaluate."""
         return ConditionedUNet(self.unet, embeddings, self.schedule, self.prediction_type)
+
+    def sampling_model(self, embeddings: PromptEmbeddings):
+        """What the sampler's batched call evaluates (eps here; SD3: the velocity)."""
+        return self.eps_model(embeddings)
+
+    def eps_record(self, record: StepRecord) -> StepRecord:
+        """The sampling record in CompLift's layout (variance-preserving x_t, t, eps); as it is here."""
+        return record
+
+    def timestep_kwargs(self, latents: torch.Tensor, scheduler) -> dict:
+        """Extra arguments of ``scheduler``'s set_timesteps for latents (B, C, h, w) (none here)."""
+        return {}
 
     # -- sampling --------------------------------------------------------------------------------
     def resolve_scheduler(self, scheduler):
@@ -439,7 +476,7 @@ class CompositionPipeline(DiffusionPipeline):
             return getattr(diffusers, SCHEDULERS[scheduler]).from_config(self.scheduler.config)
         check_scheduler(scheduler)
         name = type(scheduler).__name__
-        if name.startswith("FlowMatch") or "num_train_timesteps" not in scheduler.config:
+        if is_flow_scheduler(scheduler) or "num_train_timesteps" not in scheduler.config:
             raise ValueError(f"scheduler {name} does not sample a noise-prediction (DDPM-trained) model; "
                              f"use one of {sorted(SCHEDULERS)}")
         return scheduler
@@ -452,8 +489,8 @@ class CompositionPipeline(DiffusionPipeline):
     def initial_latents(self, seeds: Sequence[int] | Sequence[torch.Generator], *, height: int | None = None,
                         width: int | None = None) -> torch.Tensor:
         """(B, C, h, w) fp32 standard normal, one CPU generator per seed (independent of batching)."""
-        h = (height or self.unet.config.sample_size * self.vae_scale) // self.vae_scale
-        w = (width or self.unet.config.sample_size * self.vae_scale) // self.vae_scale
+        h = (height or self.sample_size) // self.vae_scale
+        w = (width or self.sample_size) // self.vae_scale
         gens = [g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g)) for g in seeds]
         return torch.stack([torch.randn(self.latent_channels, h, w, generator=g) for g in gens]).to(self.device)
 
@@ -538,12 +575,13 @@ class CompositionPipeline(DiffusionPipeline):
             ids = torch.arange(len(emb), device=self.device)[:, None].expand(len(emb), x_T.shape[0])
             rows = ids.numel() if rows is None else rows
             until = None if record or early_reject is None else early_reject.checks[-1]
-            eps_fn = ComposedEps(self.eps_model(emb), ids, weights, chunk_size=rows,
+            eps_fn = ComposedEps(self.sampling_model(emb), ids, weights, chunk_size=rows,
                                  record=record or early_reject is not None, record_every=record_every, record_until=until,
                                  negation=negation)
             stop = None if early_reject is None else _EarlyStop(early_reject, comp, eps_fn, x_T, self.schedule, weights,
                                                                 record_every, clip_x0, num_inference_steps, negation)
-            on_step = self._on_step(stop, callback_on_step_end, sched, num_inference_steps)
+            ts_kw = self.timestep_kwargs(x_T, sched)
+            on_step = self._on_step(stop, callback_on_step_end, sched, num_inference_steps, ts_kw)
             try:
                 if sched is None:
                     x0 = ddim_sample(eps_fn, x_T, self.schedule, num_steps=num_inference_steps, eta=eta, clip_x0=clip_x0,
@@ -551,7 +589,7 @@ class CompositionPipeline(DiffusionPipeline):
                 else:
                     x0 = scheduler_sample(eps_fn, x_T, sched, num_steps=num_inference_steps, schedule=self.schedule,
                                           clip_x0=clip_x0, eta=eta, progress=progress, on_step=on_step,
-                                          generator=gens if len(gens) == x_T.shape[0] else None)
+                                          generator=gens if len(gens) == x_T.shape[0] else None, timestep_kwargs=ts_kw)
                 break
             except torch.OutOfMemoryError:
                 if chunk_size != "auto" or rows == 1:
@@ -566,10 +604,10 @@ class CompositionPipeline(DiffusionPipeline):
             x0 = stop.finish(x0)
             extra = dict(alive=stop.alive, stopped=stop.stopped, margins=stop.margins)
         images = None if output_type == "latent" else self.decode(x0, output_type=output_type)
-        return CompositionOutput(images, x0, eps_fn.record if record else None, eps_fn.n_evals,
+        return CompositionOutput(images, x0, self.eps_record(eps_fn.record) if record else None, eps_fn.n_evals,
                                  comp, weights, seeds, emb.prompts, generate, **extra)
 
-    def _on_step(self, stop: "_EarlyStop | None", callback, sched, num_steps: int):
+    def _on_step(self, stop: "_EarlyStop | None", callback, sched, num_steps: int, timestep_kwargs: dict):
         """The samplers' on_step: diffusers' callback_on_step_end (its "latents" copied in), then early rejection."""
         if callback is None:
             return stop
@@ -579,7 +617,7 @@ class CompositionPipeline(DiffusionPipeline):
             ts = self.schedule.timesteps(num_steps)
         else:  # the timesteps scheduler_sample's copy of the scheduler steps through
             probe = epsilon_scheduler(sched)
-            probe.set_timesteps(num_steps)
+            probe.set_timesteps(num_steps, **timestep_kwargs)
             ts = probe.timesteps
 
         def on_step(s: int, x: torch.Tensor):
@@ -617,6 +655,8 @@ class CompositionPipeline(DiffusionPipeline):
             outs = []
             for s in range(0, latents.shape[0], batch):
                 z = latents[s:s + batch].to(vdt) / self.vae.config.scaling_factor
+                if self.vae.config.get("shift_factor") is not None:  # SD3's VAE
+                    z = z + self.vae.config.shift_factor
                 outs.append(self.vae.decode(z, return_dict=False)[0].float())
             img = (torch.cat(outs) / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":

@@ -221,8 +221,12 @@ def generate(args: GenerateOptions) -> dict | None:
             raise ValueError(f"--early-reject needs --steps >= 2 (a check between the first and the last), got {args.steps}")
         ER.default_checks(args.steps, args.early_check)
     model = Path(args.model)
-    if not (model / "unet").is_dir():
-        raise ValueError(f"--model {args.model}: not a diffusers folder with a unet/ subfolder")
+    if not ((model / "unet").is_dir() or (model / "transformer").is_dir()):
+        raise ValueError(f"--model {args.model}: not a diffusers folder with a unet/ (SD 1.x, 2.x, XL) or transformer/ "
+                         "(SD3) subfolder")
+    if (model / "transformer").is_dir() and (args.early_reject is not None or args.scheduler not in (None, "folder")):
+        raise ValueError(f"--model {args.model} is an SD3 folder: it samples with its flow-matching scheduler "
+                         "(no --scheduler name, no --early-reject)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(args.device, local_rank)
     dtype = "fp32" if device.type == "cpu" and args.dtype == "fp16" else args.dtype

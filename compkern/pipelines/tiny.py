@@ -1,10 +1,13 @@
-"""A tiny random-weight Stable Diffusion folder (SD 1.x or SDXL layout) for offline tests,
+"""A tiny random-weight Stable Diffusion folder (SD 1.x, SDXL or SD3 layout) for offline tests,
 benchmarks and smoke runs: every component is built from a small config and written with
 ``save_pretrained``, exactly as a real checkpoint folder is laid out (model_index.json, unet/,
-vae/, text_encoder/, tokenizer/, scheduler/, and for SDXL text_encoder_2/, tokenizer_2/).
+vae/, text_encoder/, tokenizer/, scheduler/, and for SDXL text_encoder_2/, tokenizer_2/; SD3:
+transformer/ instead of unet/, and text_encoder_3/ (T5), tokenizer_3/).
 
 The tokenizer is a byte-level CLIP BPE whose vocabulary is the 256 byte symbols (plain and with the
-end-of-word mark) and a handful of merges, so any prompt tokenizes without a downloaded vocab.
+end-of-word mark) and a handful of merges, so any prompt tokenizes without a downloaded vocab (the
+SD3 folder's tokenizer_3 is one too: T5's sentencepiece vocab is not shipped; the T5 encoder reads
+its ids like any).
 """
 from __future__ import annotations
 
@@ -51,6 +54,63 @@ def _tokenizer(folder: Path):
     return CLIPTokenizer(str(vocab), str(merges), model_max_length=TINY_MAX_LENGTH)
 
 
+def _text_config(tokenizer) -> dict:
+    return dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+                max_position_embeddings=TINY_MAX_LENGTH, hidden_act="gelu", layer_norm_eps=1e-5,
+                vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def _write_folder(path: Path, parts: dict, index: dict) -> Path:
+    """The layout of DiffusionPipeline.save_pretrained, without importing the pipeline classes (slow)."""
+    for name, part in parts.items():
+        part.save_pretrained(path / name)
+        lib = "transformers" if name.startswith(("text_encoder", "tokenizer")) else "diffusers"
+        index[name] = [lib, type(part).__name__]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    for f in (path / "_tok").iterdir():
+        f.unlink()
+    (path / "_tok").rmdir()
+    return path
+
+
+def save_tiny_sd3_pipeline(path: str | os.PathLike, *, t5: bool = True, sample_size: int = 8, seed: int = 0,
+                           shift: float = 3.0) -> Path:
+    """A random-weight SD3 folder: an SD3Transformer2DModel on ``sample_size``^2 latents (images
+    twice as large), two CLIP text encoders with projection, a T5 encoder (``t5``), a VAE with
+    SD3's shift_factor, and FlowMatchEulerDiscreteScheduler(shift)."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(path / "_tok")
+    text_cfg = CLIPTextConfig(**_text_config(tokenizer), projection_dim=16)
+    parts = {"transformer": SD3Transformer2DModel(sample_size=sample_size, patch_size=1, in_channels=4, num_layers=1,
+                                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                                  caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                                                  pos_embed_max_size=sample_size),
+             "vae": AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  latent_channels=4, norm_num_groups=4, sample_size=2 * sample_size, layers_per_block=1,
+                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                                  scaling_factor=1.5035),
+             "text_encoder": CLIPTextModelWithProjection(text_cfg), "tokenizer": tokenizer,
+             "text_encoder_2": CLIPTextModelWithProjection(text_cfg), "tokenizer_2": _tokenizer(path / "_tok"),
+             "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift)}
+    if t5:
+        parts["text_encoder_3"] = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37,
+                                                          num_layers=2, num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                                          eos_token_id=tokenizer.eos_token_id))
+        parts["tokenizer_3"] = _tokenizer(path / "_tok")
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
+             "image_encoder": [None, None], "feature_extractor": [None, None]}
+    if not t5:
+        index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    return _write_folder(path, parts, index)
+
+
 def save_tiny_pipeline(path: str | os.PathLike, *, sdxl: bool = False, prediction_type: str = "epsilon",
                        sample_size: int = 8, seed: int = 0) -> Path:
     """Build a random-weight pipeline with ``sample_size`` x ``sample_size`` latents (images twice
@@ -63,14 +123,8 @@ def save_tiny_pipeline(path: str | os.PathLike, *, sdxl: bool = False, predictio
     path = Path(path)
     torch.manual_seed(seed)
     tok_dir = path / "_tok"
-    text_cfg = dict(bos_token_id=0, eos_token_id=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                    num_hidden_layers=2, max_position_embeddings=TINY_MAX_LENGTH, hidden_act="gelu",
-                    layer_norm_eps=1e-5, pad_token_id=1)
     tokenizer = _tokenizer(tok_dir)
-    text_cfg["vocab_size"] = len(tokenizer)
-    text_cfg["eos_token_id"] = tokenizer.eos_token_id
-    text_cfg["bos_token_id"] = tokenizer.bos_token_id
-    text_cfg["pad_token_id"] = tokenizer.pad_token_id
+    text_cfg = _text_config(tokenizer)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     unet_cfg = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=sample_size, in_channels=4,
                     out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -94,13 +148,4 @@ def save_tiny_pipeline(path: str | os.PathLike, *, sdxl: bool = False, predictio
                  "feature_extractor": [None, None], "image_encoder": [None, None], "force_zeros_for_empty_prompt": True}
     else:
         parts["unet"] = UNet2DConditionModel(**unet_cfg)
-    # the layout of DiffusionPipeline.save_pretrained, without importing the pipeline classes (slow)
-    for name, part in parts.items():
-        part.save_pretrained(path / name)
-        lib = "transformers" if name.startswith(("text_encoder", "tokenizer")) else "diffusers"
-        index[name] = [lib, type(part).__name__]
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return path
+    return _write_folder(path, parts, index)

@@ -1,5 +1,6 @@
 """Reverse diffusion on any eps callable: DDIM (eta = 0) and ancestral DDPM (eta = 1), and any
-diffusers scheduler's ``step`` (``scheduler_sample``: DPM-Solver++, Euler, UniPC, ...).
+diffusers scheduler's ``step`` (``scheduler_sample``: DPM-Solver++, Euler, UniPC, ..., and the
+flow-matching schedulers of SD3, which step a velocity).
 
 DDIM and DDPM use the same step (Song et al. 2021, eq. 12) on an evenly spaced subsequence of the
 training timesteps; with eta = 1 it is the DDPM posterior of the respaced chain.
@@ -115,6 +116,12 @@ def check_scheduler(scheduler) -> None:
                         f"got {type(scheduler).__name__}")
 
 
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether a diffusers scheduler steps a flow-matching velocity (FlowMatchEulerDiscreteScheduler,
+    ...; SD3, SD3.5): x_sigma = (1 - sigma) x0 + sigma eps, timesteps sigma * num_train_timesteps."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
 def epsilon_scheduler(scheduler):
     """A fresh copy of a diffusers scheduler (same class and config) that takes eps predictions
     (composition combines eps, so a v-prediction model's outputs are converted before the step)."""
@@ -128,7 +135,8 @@ def epsilon_scheduler(scheduler):
 def scheduler_sample(eps_fn: EpsFn, x_T: torch.Tensor, scheduler, *, num_steps: int = 50,
                      schedule: NoiseSchedule | None = None, clip_x0: float | None = None, eta: float = 0.0,
                      generator: Generators = None, progress: bool = False,
-                     on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                     on_step: Callable[[int, torch.Tensor], None] | None = None,
+                     timestep_kwargs: dict | None = None) -> torch.Tensor:
     """x_T (B, *S) standard normal -> x_0 (B, *S) through a diffusers scheduler's ``step``, as
     diffusers' pipelines call it: x = x_T * init_noise_sigma; per timestep t the model sees
     ``scale_model_input(x, t)`` (the variance-preserving x_t at t, which is what a record keeps)
@@ -138,15 +146,20 @@ def scheduler_sample(eps_fn: EpsFn, x_T: torch.Tensor, scheduler, *, num_steps: 
     clip_x0 (needs ``schedule``, the model's noise schedule) clamps the predicted x0 before the
     step. NaN or inf eps raises FloatingPointError naming the step. ``on_step(s, x)`` runs after s
     steps (it may change x in place; no sample leaves the batch here: a multistep scheduler's
-    history is batch-wide)."""
+    history is batch-wide). A flow-matching scheduler (``is_flow_scheduler``) steps x in its own
+    coordinates: eps_fn(x, t) returns the velocity there (no input scaling; clip_x0 is refused).
+    ``timestep_kwargs`` go to ``set_timesteps`` (e.g. ``mu`` of a dynamically shifted flow schedule)."""
     if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
         raise TypeError("x_T must be a tensor (B, *S)")
     if not bool(torch.isfinite(x_T).all()):
         raise ValueError("x_T holds NaN or inf")
     if clip_x0 is not None and schedule is None:
         raise ValueError("clip_x0 needs the model's noise schedule (schedule=)")
+    flow = is_flow_scheduler(scheduler)
+    if flow and clip_x0 is not None:
+        raise ValueError("clip_x0 clamps a variance-preserving x0: a flow-matching scheduler takes clip_x0=None")
     sched = epsilon_scheduler(scheduler)
-    sched.set_timesteps(num_steps, device=x_T.device)
+    sched.set_timesteps(num_steps, device=x_T.device, **(timestep_kwargs or {}))
     takes = inspect.signature(sched.step).parameters
     kw = {}
     if "eta" in takes:
@@ -155,14 +168,14 @@ def scheduler_sample(eps_fn: EpsFn, x_T: torch.Tensor, scheduler, *, num_steps: 
         raise ValueError(f"eta={eta}: {type(sched).__name__}.step takes no eta")
     if "generator" in takes and generator is not None:
         kw["generator"] = generator if isinstance(generator, torch.Generator) else list(generator)
-    x = x_T * sched.init_noise_sigma
+    x = x_T if flow else x_T * sched.init_noise_sigma
     timesteps = sched.timesteps
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-        x_t = sched.scale_model_input(x, t)
+        x_t = x if flow else sched.scale_model_input(x, t)
         t_vec = t.reshape(1).expand(x.shape[0]).to(x.device)
         eps = eps_fn(x_t, t_vec).to(x.dtype)
         if not bool(torch.isfinite(eps).all()):
-            raise FloatingPointError(f"scheduler_sample: the eps model returned NaN or inf at step {i} of "
+            raise FloatingPointError(f"scheduler_sample: the model returned NaN or inf at step {i} of "
                                      f"{len(timesteps)} (t={float(t)}); check the model (and the composition weights) there")
         if clip_x0 is not None:
             eps = _clip_eps(x_t, eps, schedule, t_vec, clip_x0)
