@@ -1,4 +1,4 @@
-"""Shared test helpers: the flash-attention tolerance rule, and the dtypes under test."""
+"""Shared test helpers: the flash-attention tolerance rule, the dtypes under test, the cached lift by hand."""
 from __future__ import annotations
 
 import importlib.util
@@ -46,3 +46,20 @@ def require_backend(backend: str, device: torch.device = torch.device("cpu")) ->
     reason = _dispatch.unavailable_reason(backend, device)
     if reason:
         pytest.skip(reason)
+
+
+def cached_noise_lift_by_hand(pipe, out, emb) -> torch.Tensor:
+    """The cached noise-target pixel lift (K, B, h, w) of a CompositionOutput written out: per
+    recorded step, eps* = (x_t - sqrt(abar) x0) / sqrt(1 - abar) and the channel-mean squared error
+    of the null row minus each component's; the recorded preds are checked against ``pipe.predict``
+    at the recorded points on the way."""
+    K = out.composition.K
+    want = 0
+    for x_t, t, preds in zip(out.record.x_t, out.record.t, out.record.preds):
+        assert preds.shape[:2] == (K + 1, out.latents.shape[0])
+        torch.testing.assert_close(preds, pipe.predict(x_t, t, emb), atol=1e-5, rtol=1e-4)
+        abar = pipe.schedule.alphas_cumprod_at(t).float()[:, None, None, None]
+        eps = (x_t - abar.sqrt() * out.latents) / (1 - abar).sqrt()
+        err = ((eps - preds) ** 2).mean(2)  # (K+1, B, h, w), mean over channels
+        want = want + (err[0] - err[1:K + 1]) / len(out.record)
+    return want
