@@ -120,3 +120,103 @@ def test_complift_functions_end_to_end(tmp_path):
     assert ((res.lifts > 0).any(0)).all()  # every kept sample satisfies the OR by its lifts
     # kept samples lie in the upper half (classes 0 and 1 have y = +1.5)
     assert (res.samples[:, 1] > 0).float().mean() > 0.9
+
+
+# -- early rejection ---------------------------------------------------------------------------------
+STEPS, CHECK = 10, 4  # a synthetic generator of 10 "steps" checking after 4
+
+
+def _early_generate(n, g, rule=None):
+    """x (n, 2); the final decision is x0 > 0.3 (``_score``); the partial margin at the check is
+    x0 - 0.3 plus noise, known before the last steps. 10 rows per step and candidate."""
+    x = torch.randn(n, 2, generator=g)
+    if rule is None:
+        return Batch(x, None, n_evals=STEPS * n)
+    margins = (x[:, 0] - 0.3 + 0.1 * torch.randn(n, generator=g))[None]
+    alive = rule.keep(0, margins[0])
+    rows = CHECK * n + (STEPS - CHECK) * int(alive.sum())
+    return Batch(x[alive], None, n_evals=rows, alive=alive, margins=margins)
+
+
+def _early(out, conf, gen=_early_generate, **kw):
+    return RejectionSampler(out, gen, _score, config={"k": 1}, batch_size=16, progress=False, early_reject=conf,
+                            checks=(CHECK,), pilot=48, **kw)
+
+
+def test_early_rejection_at_confidence_one_decides_as_full_trajectories(tmp_path):
+    full = RejectionSampler(tmp_path / "full", _early_generate, _score, config={"k": 1}, batch_size=16,
+                            progress=False).run(60)
+    res = _early(tmp_path / "early", 1.0).run(60)
+    assert res.n_stopped == 0 and res.rule.thresholds == (float("-inf"),)
+    assert torch.equal(res.samples, full.samples) and res.batches == full.batches
+    assert res.n_evals == full.n_evals
+
+
+def test_early_rejection_calibrates_on_the_pilot_and_spends_fewer_rows(tmp_path):
+    full = RejectionSampler(tmp_path / "full", _early_generate, _score, config={"k": 1}, batch_size=16,
+                            progress=False).run(10_000, max_batches=20)
+    res = _early(tmp_path / "early", 0.9).run(10_000, max_batches=20)
+    # the pilot: the first 3 batches (48 candidates) held >= 9 accepts; the rule is the 2nd smallest accepted margin
+    pilot = [torch.load(tmp_path / "early" / f"shard_{i:06d}.pt", weights_only=False) for i in range(3)]
+    m = torch.cat([d["margins"] for d in pilot], 1)[0]
+    acc = torch.cat([d["decisions"] for d in pilot])
+    k1 = int(0.1 * (int(acc.sum()) + 1))
+    assert res.rule.thresholds[0] == pytest.approx(float(m[acc].sort().values[k1 - 1]))
+    assert all(bool(d["alive"].all()) for d in pilot)  # full trajectories
+    assert res.n_stopped > 0 and res.n_generated == full.n_generated
+    assert res.rows_per_accepted < full.rows_per_accepted
+    # every accepted sample is one the full run accepted from the same seed; few of those were lost
+    full_set = {tuple(r.tolist()) for r in full.samples}
+    assert all(tuple(r.tolist()) in full_set for r in res.samples)
+    assert res.n_accepted >= 0.85 * full.n_accepted
+
+
+def test_early_rejection_resumes_after_a_crash_past_the_pilot(tmp_path):
+    ref = _early(tmp_path / "ref", 0.9).run(10_000, max_batches=8)
+    calls = {"n": 0}
+
+    def crashing(n, g, rule=None):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise _Crash("simulated interruption")
+        return _early_generate(n, g, rule)
+
+    with pytest.raises(_Crash):
+        _early(tmp_path / "run", 0.9, gen=crashing).run(10_000, max_batches=8)
+    res = _early(tmp_path / "run", 0.9).run(10_000, max_batches=8)
+    assert torch.equal(res.samples, ref.samples) and res.n_stopped == ref.n_stopped and res.n_evals == ref.n_evals
+    assert res.rule == ref.rule
+
+
+@pytest.mark.parametrize("conf", [0.5, 1.2, float("nan"), "0.9"])
+def test_early_rejection_bad_confidence_is_refused(tmp_path, conf):
+    with pytest.raises(ValueError, match=r"confidence .* must lie in \(0.5, 1\]"):
+        _early(tmp_path / "bad", conf)
+
+
+def test_early_rejection_bad_setup_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="early_reject needs checks"):
+        RejectionSampler(tmp_path / "a", _early_generate, _score, early_reject=0.9, progress=False)
+    _early(tmp_path / "b", 0.9).run(4)
+    with pytest.raises(ValueError, match="other settings"):
+        _early(tmp_path / "b", 0.95)
+    with pytest.raises(ValueError, match="alive"):
+        _early(tmp_path / "c", 0.9, gen=lambda n, g, rule=None: _generate(n, g)).run(4)
+
+
+def test_complift_functions_with_early_rejection_on_the_exact_model(tmp_path):
+    """Confidence 1 gives the plain sampler's samples (one generator per candidate either way);
+    0.9 stops candidates by their partial cached lift and keeps the accepted ones valid."""
+    sched = NoiseSchedule.ddpm_linear(100)
+    means = torch.tensor([[1.5, 1.5], [-1.5, 1.5], [-1.5, -1.5], [1.5, -1.5]])
+    model = GaussianClassesEps(means, torch.full((4,), 0.5), sched)
+    expr = parse("c0 AND NOT c1")
+    gen, score = complift_functions(model, sched, expr, [0, 1], model.null_id, (2,), num_steps=10, n_trials=8)
+    kw = dict(config={"expr": expr.source}, batch_size=32, progress=False)
+    plain = RejectionSampler(tmp_path / "plain", gen, score, **kw).run(10_000, max_batches=4)
+    one = RejectionSampler(tmp_path / "one", gen, score, early_reject=1.0, checks=(4,), **kw).run(10_000, max_batches=4)
+    assert torch.equal(one.samples, plain.samples) and one.n_stopped == 0
+    early = RejectionSampler(tmp_path / "e", gen, score, early_reject=0.9, checks=(4,), pilot=32, **kw).run(
+        10_000, max_batches=6)
+    assert early.rule is not None and early.n_generated == 6 * 32
+    assert early.lifts is not None and bool((early.lifts[0] > 0).all() and (early.lifts[1] <= 0).all())

@@ -130,11 +130,11 @@ class ComposedEps:
 
     def select(self, keep: torch.Tensor) -> None:
         """Narrow every per-sample state to the samples of the (B,) bool mask ``keep`` (early
-        rejection): the condition ids (R, B), per-sample weights (B, K) and the record."""
-        if isinstance(self.conds, torch.Tensor) and self.conds.dim() == 2:
+        rejection): the conditions (R, B, *C), per-sample weights (B, K) and the record."""
+        if isinstance(self.conds, torch.Tensor) and self.conds.dim() >= 2:
             self.conds = self.conds[:, keep.to(self.conds.device)]
-        elif not isinstance(self.conds, torch.Tensor):
-            raise TypeError("select needs the condition ids as an (R, B) tensor")
+        else:
+            raise TypeError("select needs the conditions as a condition-major (R, B, *C) tensor")
         if self.weights.dim() == 2:
             self.weights = self.weights[keep.to(self.weights.device)]
         if self.record is not None:
