@@ -4,11 +4,12 @@
 
 A sample satisfies "A AND NOT B" when lift(x | A) > 0 and lift(x | B) <= 0.
 """
+from compkern.lift.early_reject import EarlyRejectRule
 from compkern.lift.estimator import LiftCalibration, LiftResult, calibrate, calibrate_t_probs, estimate_lift, importance_probs
 from compkern.lift.expr import Expr, parse
 from compkern.lift.positions import LIFT_MODES, accept_positions
 
-__all__ = ["LIFT_MODES", "Expr", "LiftCalibration", "accept_positions", "LiftResult", "calibrate", "RejectionSampler", "calibrate_t_probs", "estimate_lift", "importance_probs", "parse"]
+__all__ = ["LIFT_MODES", "EarlyRejectRule", "Expr", "LiftCalibration", "accept_positions", "LiftResult", "calibrate", "RejectionSampler", "calibrate_t_probs", "estimate_lift", "importance_probs", "parse"]
 
 
 def __getattr__(name):
