@@ -225,14 +225,15 @@ def row(rec: dict, compile_s: float | None = None) -> str:
             f"{rec['time_s'] * 1e3:.3f} | {rec['floor_s'] * 1e3:.3f} | {rec['x_floor']:.2f} | {vs} | {rec['note']} |")
 
 
-def table_from_rows(rows: list[dict], compiled_impls: tuple[str, ...] = ("cpp", "triton")) -> str:
+def table_from_rows(rows: list[dict]) -> str:
     """The markdown table (HEADER, RULE, one row per record) of structured rows, e.g. a --jsonl
-    file: what RESULTS.md tables are made from. The "vs compile" column is filled for the
-    ``compiled_impls`` rows of a config that has a 'compile' row."""
+    file: what RESULTS.md tables are made from. The "vs compile" column is filled for compkern's
+    own rows (every impl but the 'eager' and 'compile' baselines) of a config with a 'compile' row."""
     compile_s = {(r["op"], r["config"], r["dtype"], r["device"]): r["time_s"] for r in rows if r["impl"] == "compile"}
     lines = [HEADER, RULE]
     for r in rows:
-        c = compile_s.get((r["op"], r["config"], r["dtype"], r["device"])) if r["impl"] in compiled_impls else None
+        own = r["impl"] not in ("eager", "compile")
+        c = compile_s.get((r["op"], r["config"], r["dtype"], r["device"])) if own else None
         lines.append(row(r, c))
     return "\n".join(lines)
 
