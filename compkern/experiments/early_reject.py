@@ -107,8 +107,13 @@ def run_cell(pipe, detector, expr: str, objs: list[int], cfg: dict, model: str) 
     early = _run_seeds(pipe, comp, seeds, opts, rule)
     cont = _run_continuous(pipe, comp, seeds, opts, rule)
     alive = early["alive"]
-    if not torch.allclose(early["latents"][alive], full["latents"][alive], atol=1e-4, rtol=1e-4):
-        raise RuntimeError("early rejection changed a surviving image: sampling must not depend on the batch")
+    # the survivors are the full run's images: the UNet's numerics follow the rows of each call (the
+    # early run records every row up to the check; oneDNN picks kernels by shape) and the early
+    # steps' 1 / sqrt(abar) amplifies them (2e-3 on an Intel Xeon, random-weight world); a sampler
+    # that depended on the batch would move an image by O(1)
+    if not torch.allclose(early["latents"][alive], full["latents"][alive], atol=2e-2, rtol=1e-3):
+        diff = float((early["latents"][alive] - full["latents"][alive]).abs().max())
+        raise RuntimeError(f"early rejection changed a surviving image by {diff:.3g}: sampling must not depend on the batch")
     sat, _ = judge(detector, full["latents"], objs, comp.expression)
     return {"expression": expr, "objs": objs, "rule": rule.to_dict(), "satisfied": sat,
             "pilot": {"rows": pilot["rows"], "wall": pilot["wall"], "accepted": pilot["accepted"]},
