@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compkern.cli import COMMANDS, main
+from compkern.models.base import config_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +95,7 @@ def test_coind_end_to_end_tiny(tmp_path, capsys):
                  "--no-progress"]) == 0
     assert (run / "checkpoint.pt").exists()
     clf = AttributeClassifier([2, 2])
-    atomic_save({"config": clf.config, "state": clf.state_dict(), "test_acc": {"cs": 0.0, "acc": [0.0, 0.0]}},
+    atomic_save({"config": config_dict(clf), "state": clf.state_dict(), "test_acc": {"cs": 0.0, "acc": [0.0, 0.0]}},
                 tmp_path / "clf_s8.pt")
     assert main(["coind", "eval", str(run), "--weights", "1", "--n-per", "1", "--jsd-per", "1", "--sample-steps", "2",
                  "--classifier", str(tmp_path / "clf_s{size}.pt")]) == 0

@@ -12,6 +12,7 @@ from compkern.data.clevr import (BACKGROUND, NULL, OBJECT, background_cond, dete
 from compkern.experiments import positions as P
 from compkern.lift.fixed_t import fixed_t_lift
 from compkern.lift.positions import accept_positions
+from compkern.models.base import config_dict
 from compkern.models.position_unet import (PositionEnergyUNet, PositionUNet, build_position_model, position_map,
                                            position_schedule)
 from compkern.samplers.compositions import compose_positions, position_conditions
@@ -93,8 +94,8 @@ def test_position_unet_shapes_and_errors():
         m(x, t, c + torch.tensor([0.0, 0.0, 5.0]))
     with pytest.raises(ValueError, match="x_t"):
         m(torch.randn(3, 1, 16, 16), t, c)
-    same = build_position_model(m.config, position_schedule())
-    assert isinstance(same, PositionUNet) and same.config == m.config
+    same = build_position_model(config_dict(m), position_schedule())
+    assert isinstance(same, PositionUNet) and config_dict(same) == config_dict(m)
 
 
 def test_energy_unet_eps_is_gradient():
@@ -113,7 +114,7 @@ def test_energy_unet_eps_is_gradient():
     sigma = (1 - sch.alphas_cumprod[t]).sqrt().view(2, 1, 1, 1)
     torch.testing.assert_close(eps, (sigma * g).float(), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(eps, x)  # not the untrained identity
-    assert build_position_model(m.config, sch).config == m.config
+    assert config_dict(build_position_model(m.config, sch)) == config_dict(m)
 
 
 # -- sampling paths on tiny untrained models -----------------------------------------------------------
@@ -312,3 +313,29 @@ def test_heldout_loss_fixed_and_exact_for_zero_output(tmp_path, capsys):
             "--no-progress"]
     assert P.run(parser.parse_args(argv)) == 0
     assert "held-out loss" in capsys.readouterr().out
+
+
+def test_load_run_reads_the_exported_model_energy_ones_too(tmp_path):
+    """The Trainer exports the trained PositionUNet (the energy model's inner one) with every
+    checkpoint; load_run rebuilds the same model from model/ (a crash between the export's two
+    renames leaves model.old, which is read); a folder without an export is refused clearly."""
+    import shutil
+
+    sch = position_schedule()
+    trained = PositionEnergyUNet(sch, channels=(8, 16))
+    train_position_model(trained, tmp_path / "e", size=8, steps=2, batch_size=4, save_every=1, progress=False)
+    model, cfg = load_run(tmp_path / "e")
+    assert isinstance(model, PositionEnergyUNet) and cfg["model"]["energy"]
+    want = load(tmp_path / "e" / "checkpoint.pt")["modules"]["model"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.items())
+    shutil.move(tmp_path / "e" / "model", tmp_path / "e" / "model.old")  # as after a crash mid-swap
+    assert all(torch.equal(v, load_run(tmp_path / "e")[0].state_dict()[k]) for k, v in want.items())
+    shutil.rmtree(tmp_path / "e" / "model.old")
+    with pytest.raises(ValueError, match="no exported model/"):
+        load_run(tmp_path / "e")
+    with pytest.raises(ValueError, match="not a training folder"):
+        load_run(tmp_path / "nothing")
+    # resuming the run (its Trainer rebuilt) exports again
+    train_position_model(PositionEnergyUNet(sch, channels=(8, 16)), tmp_path / "e", size=8, steps=2, batch_size=4,
+                         save_every=1, progress=False)
+    assert all(torch.equal(v, load_run(tmp_path / "e")[0].state_dict()[k]) for k, v in want.items())

@@ -8,20 +8,19 @@ conditioned on: the per-attribute marginals that compositional sampling needs.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 from torch.nn import functional as F
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """t (N,) -> sinusoidal features (N, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t (N,) -> sinusoidal features (N, dim), [cos, sin]: diffusers' ``get_timestep_embedding``."""
+    return get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
 
 
 class AttributeEmbedding(nn.Module):
@@ -85,17 +84,17 @@ class _AttnBlock(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(N, C, H, W))
 
 
-class AttributeUNet(nn.Module):
+class AttributeUNet(ModelMixin, ConfigMixin):
     """Small UNet eps-model: x_t (N, C, H, W), t (N,) int64, cond (N, A) int64 -> eps (N, C, H, W).
 
     ``channels`` per resolution level (H and W must be divisible by 2 ** (levels - 1));
-    ``attention`` adds self-attention at the lowest resolution (and in the middle block)."""
+    ``attention`` adds self-attention at the lowest resolution (and in the middle block). A
+    diffusers ModelMixin: ``save_pretrained`` / ``from_pretrained``, ``.config`` its arguments."""
 
+    @register_to_config
     def __init__(self, n_values: Sequence[int], in_channels: int = 3, channels: Sequence[int] = (32, 64, 64),
                  blocks_per_level: int = 1, attention: bool = True, heads: int = 4, groups: int = 8):
         super().__init__()
-        self.config = dict(n_values=list(n_values), in_channels=in_channels, channels=list(channels),
-                           blocks_per_level=blocks_per_level, attention=attention, heads=heads, groups=groups)
         ch0 = channels[0]
         emb_dim = 4 * ch0
         self.time_dim = ch0
@@ -160,12 +159,12 @@ class AttributeUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class AttributeMLP(nn.Module):
+class AttributeMLP(ModelMixin, ConfigMixin):
     """MLP eps-model for vectors: x_t (N, D), t (N,) int64, cond (N, A) int64 -> eps (N, D)."""
 
+    @register_to_config
     def __init__(self, n_values: Sequence[int], dim: int = 2, hidden: int = 128, depth: int = 3):
         super().__init__()
-        self.config = dict(n_values=list(n_values), dim=dim, hidden=hidden, depth=depth)
         self.time_dim = hidden
         self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.cond = AttributeEmbedding(n_values, hidden)

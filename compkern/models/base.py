@@ -14,6 +14,13 @@ class EpsModel(Protocol):
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
 
 
+def config_dict(model) -> dict:
+    """The constructor arguments of a model with a config (a diffusers ModelMixin / ConfigMixin,
+    or a wrapper whose ``config`` is a dict) as a plain dict, without diffusers' private keys
+    (``_class_name``, ``_use_default_values``, ...): what a run folder records of its model."""
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
 def stack_conditions(conds: torch.Tensor | Sequence[Any], batch: int) -> torch.Tensor:
     """Condition-major stack (K+1, B, *C).
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 __all__ = ["AttributeClassifier"]
 
 
-class AttributeClassifier(nn.Module):
+class AttributeClassifier(ModelMixin, ConfigMixin):
     """Small CNN, one head per attribute: x (N, C, H, W) -> list of A logits (N, n_values[a])."""
 
+    @register_to_config
     def __init__(self, n_values: Sequence[int], in_channels: int = 3, width: int = 32):
         super().__init__()
-        self.config = dict(n_values=list(n_values), in_channels=in_channels, width=width)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(), nn.Conv2d(2 * width, 2 * width, 3, padding=1),

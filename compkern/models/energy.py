@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compkern.models.base import config_dict
 from compkern.models.mlp import ConditionalMLP
 from compkern.models.schedule import NoiseSchedule
 
@@ -95,5 +96,6 @@ class EnergyMLP(EnergyEps):
         super().__init__(_RRRPotential(ConditionalMLP(num_classes, dim=dim, hidden=hidden, depth=depth,
                                                       num_steps=schedule.num_steps)), schedule)
 
+    @property
     def config(self) -> dict:
-        return {"energy": True, **self.potential.net.config()}
+        return {"energy": True, **config_dict(self.potential.net)}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusers.configuration_utils import register_to_config
+
 from compkern.models.mlp import ConditionalMLP
 from compkern.models.schedule import NoiseSchedule
 
@@ -95,6 +97,9 @@ class FlowVelocityMLP(ConditionalMLP):
     """ConditionalMLP as a velocity model: ``model(x_t (N, dim), t (N,) float in [0, 1], cond (N,)
     int64 in [0, num_classes]) -> v (N, dim)``; cond == ``null_id`` is unconditional."""
 
+    ignore_for_config = ["num_steps", "out_dim"]  # fixed here: the flow time t in [0, 1] is embedded as 1000 t
+
+    @register_to_config
     def __init__(self, num_classes: int, dim: int = 2, hidden: int = 128, depth: int = 3):
         super().__init__(num_classes, dim=dim, hidden=hidden, depth=depth, num_steps=1000)
 
@@ -111,6 +116,3 @@ class FlowVelocityMLP(ConditionalMLP):
         if N and (int(cond.min()) < 0 or int(cond.max()) > self.num_classes):
             raise ValueError(f"cond ids must lie in [0, {self.num_classes}], got [{int(cond.min())}, {int(cond.max())}]")
         return self.trunk(x_t, t * self.num_steps, cond, torch.arange(N, device=x_t.device))
-
-    def config(self) -> dict:
-        return {"num_classes": self.num_classes, "dim": self.dim, "hidden": self.hidden, "depth": self.depth}

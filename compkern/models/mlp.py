@@ -6,20 +6,19 @@ id (trained by classifier-free dropout, see compkern.train.denoise).
 """
 from __future__ import annotations
 
-import math
-
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 __all__ = ["ConditionalMLP", "timestep_embedding", "check_eps_inputs"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, num_steps: int) -> torch.Tensor:
-    """Sinusoidal embedding (N, dim) of t / num_steps (t (N,) integer or float timesteps)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    arg = (t.float() * (1000.0 / num_steps))[:, None] * freqs[None]
-    return torch.cat([arg.sin(), arg.cos()], dim=1)
+    """Sinusoidal embedding (N, dim), [sin, cos], of t rescaled to 1000 steps (t (N,) integer or
+    float timesteps): diffusers' ``get_timestep_embedding``."""
+    return get_timestep_embedding(t.float() * (1000.0 / num_steps), dim, flip_sin_to_cos=False, downscale_freq_shift=0)
 
 
 def check_eps_inputs(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, dim: int, num_classes: int,
@@ -61,11 +60,13 @@ class _Block(nn.Module):
         return h + self.fc2(nn.functional.silu(self.fc1(nn.functional.silu(self.norm(h))) + self.emb(emb)[index]))
 
 
-class ConditionalMLP(nn.Module):
+class ConditionalMLP(ModelMixin, ConfigMixin):
     """Residual MLP eps-model: input projection, ``depth`` residual blocks each adding a
     (time + class) embedding, zero-initialized output projection. Smooth (SiLU) throughout, so
-    it can also serve as the vector field under an energy (see compkern.models.energy)."""
+    it can also serve as the vector field under an energy (see compkern.models.energy). A diffusers
+    ModelMixin: ``save_pretrained`` / ``from_pretrained``, ``.config`` holds the arguments."""
 
+    @register_to_config
     def __init__(self, num_classes: int, dim: int = 2, hidden: int = 128, depth: int = 3, num_steps: int = 1000,
                  out_dim: int | None = None):
         super().__init__()
@@ -82,10 +83,6 @@ class ConditionalMLP(nn.Module):
         self.out = nn.Linear(hidden, self.out_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-
-    def config(self) -> dict:
-        return {"num_classes": self.num_classes, "dim": self.dim, "hidden": self.hidden, "depth": self.depth,
-                "num_steps": self.num_steps, "out_dim": self.out_dim}
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x_t (N, dim), t (N,) int64, cond (N,) int64 in [0, num_classes] -> (N, out_dim)."""

@@ -17,9 +17,11 @@ import math
 from typing import Sequence
 
 import torch
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from compkern.models.attribute_unet import AttributeUNet
+from compkern.models.base import config_dict
 from compkern.models.energy import EnergyEps
 from compkern.models.schedule import NoiseSchedule
 
@@ -89,20 +91,21 @@ class PositionUNet(AttributeUNet):
     and, with ``spatial=True``, as one extra input channel holding a Gaussian bump at (x, y)
     (``position_map``), which lets a small CPU-trained network learn placement in minutes."""
 
+    ignore_for_config = ["n_values"]  # the base UNet's, fixed here
+
+    @register_to_config
     def __init__(self, in_channels: int = 3, channels: Sequence[int] = (32, 64), blocks_per_level: int = 1,
                  attention: bool = True, heads: int = 4, groups: int = 8, spatial: bool = True):
         # The bump is one more input channel of the base UNet; its output conv maps to in_channels.
-        super().__init__([1], in_channels=in_channels + int(spatial), channels=channels,
+        super().__init__(n_values=[1], in_channels=in_channels + int(spatial), channels=channels,
                          blocks_per_level=blocks_per_level, attention=attention, heads=heads, groups=groups)
+        self.register_to_config(in_channels=in_channels)  # the base UNet's registration (in_channels + 1) ran last
         self.cond = PositionEmbedding(4 * channels[0])
         self.spatial, self.out_channels = spatial, in_channels
         if spatial:
             self.conv_out = nn.Conv2d(self.conv_out.in_channels, in_channels, 3, padding=1)
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
-        self.config = dict(kind="position_unet", in_channels=in_channels, channels=list(channels),
-                           blocks_per_level=blocks_per_level, attention=attention, heads=heads, groups=groups,
-                           spatial=spatial)
 
     @property
     def null(self) -> torch.Tensor:
@@ -135,10 +138,13 @@ class _ImageRRRPotential(nn.Module):
 class PositionEnergyUNet(EnergyEps):
     """Energy-parameterized PositionUNet: an EpsModel with ``.energy`` (N,) and ``.energy_and_eps``."""
 
-    def __init__(self, schedule: NoiseSchedule, **unet_kw):
-        net = PositionUNet(**unet_kw)
+    def __init__(self, schedule: NoiseSchedule, net: PositionUNet | None = None, **unet_kw):
+        """Around ``net`` (a trained PositionUNet), or a new PositionUNet(**unet_kw)."""
+        if net is not None and unet_kw:
+            raise TypeError(f"pass net or the PositionUNet arguments, not both (got {sorted(unet_kw)})")
+        net = PositionUNet(**unet_kw) if net is None else net
         super().__init__(_ImageRRRPotential(net), schedule)
-        self.config = dict(net.config, energy=True)
+        self.config = dict(config_dict(net), energy=True)
 
     @property
     def null(self) -> torch.Tensor:

@@ -52,6 +52,7 @@ class ToyDenoiser(nn.Module):
         self.blocks = nn.ModuleList(_Block(hidden) for _ in range(depth))
         self.out = nn.Linear(hidden, 2)
 
+    @property
     def config(self) -> dict:
         return {"kind": "ToyDenoiser", "hidden": self.hidden, "depth": self.depth, "num_steps": self.num_steps}
 
@@ -85,6 +86,7 @@ class StackedToyDenoiser(nn.Module):
         self.weights = nn.ParameterList(nn.Parameter(torch.stack([n.state_dict()[k] for n in nets]))
                                         for k in self._names)
 
+    @property
     def config(self) -> dict:
         return {"kind": "StackedToyDenoiser", "members": self.members, "hidden": self.hidden, "depth": self.depth,
                 "num_steps": self.num_steps}

@@ -31,21 +31,21 @@ Metrics:
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 from torch.nn import functional as F
 
 from compkern.data.digits import ColoredDigits
 from compkern.models.attribute_unet import AttributeUNet
 from compkern.models.classifier import AttributeClassifier
-from compkern.models.base import EpsModel, evaluate_conditions
+from compkern.models.base import EpsModel, config_dict, evaluate_conditions
 from compkern.models.schedule import NoiseSchedule
 from compkern.samplers import ComposedEps, ddim_sample
-from compkern.train.loop import Trainer, ema_update
+from compkern.train.loop import Trainer, ema_update, load_exported
 from compkern.utils.checkpoint import atomic_save, load
 
 Masking = Literal["independent", "joint", "none"]
@@ -194,7 +194,8 @@ class CoInDTrainer:
         cfg = dict(config or {}, lam=lam, p_drop=p_drop, masking=masking, batch=batch, ci_batch=ci_batch, lr=lr,
                    weight_decay=weight_decay, ema=ema)
         self.trainer = Trainer(out_dir, {"model": model, "ema": self.ema_model}, opt, self._step, config=cfg, seed=seed,
-                               save_every=save_every, log_every=log_every, desc=f"coind lam={lam:g}", progress=progress)
+                               save_every=save_every, log_every=log_every, desc=f"coind lam={lam:g}", progress=progress,
+                               export=self.ema_model if isinstance(self.ema_model, ModelMixin) else None)
 
     @property
     def step(self) -> int:
@@ -389,12 +390,8 @@ def build_digits_model(cfg: dict) -> AttributeUNet:
 
 
 def load_run(run: str | Path) -> tuple[AttributeUNet, dict]:
-    """(EMA model in eval mode, config) from a `compkern coind train` folder."""
-    run = Path(run)
-    cfg = json.loads((run / "config.json").read_text())
-    model = build_digits_model(cfg)
-    model.load_state_dict(load(run / "checkpoint.pt")["modules"]["ema"])
-    return model.eval(), cfg
+    """(EMA model in eval mode, config) from a `compkern coind train` folder (its exported model/)."""
+    return load_exported(run, AttributeUNet)
 
 
 def load_or_train_classifier(path: str, cfg: dict) -> tuple[AttributeClassifier, dict]:
@@ -414,5 +411,5 @@ def load_or_train_classifier(path: str, cfg: dict) -> tuple[AttributeClassifier,
     g = torch.Generator().manual_seed(99)
     labels = torch.cartesian_prod(torch.arange(cfg["digits"]), torch.arange(cfg["colors"])).repeat(40, 1)
     cs, acc = conformity_score(clf, test.render(labels, g), labels)
-    atomic_save({"config": clf.config, "state": clf.state_dict(), "test_acc": {"cs": cs, "acc": acc}}, path)
+    atomic_save({"config": config_dict(clf), "state": clf.state_dict(), "test_acc": {"cs": cs, "acc": acc}}, path)
     return clf, {"cs": cs, "acc": acc}

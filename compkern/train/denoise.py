@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compkern.models.base import config_dict
 from compkern.models.schedule import NoiseSchedule
 from compkern.train.loop import Trainer, warmup_cosine
 
@@ -54,7 +55,7 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str | Path
         c[torch.rand(batch_size, generator=g) < p_uncond] = null_id
         return {"loss": loss_fn(x0, c, g)}
 
-    config = {"model": model.config() if hasattr(model, "config") else type(model).__name__,
+    config = {"model": config_dict(model) if hasattr(model, "config") else type(model).__name__,
               "data": {"n": int(x.shape[0]), "checksum": round(float(x.double().sum()), 6),
                        "classes": int(y.max()) + 1 if len(y) else 0},
               **objective, "steps": steps, "batch_size": batch_size, "lr": lr, "p_uncond": p_uncond,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from compkern.utils.checkpoint import load
+from compkern.utils.checkpoint import atomic_save_pretrained, load, pretrained_folder
 from compkern.utils.run_folder import RunFolder
 
 @torch.no_grad()
@@ -45,12 +45,16 @@ StepFn = Callable[[int, torch.Generator], dict[str, Any]]
 class Trainer:
     """Trains ``modules`` with ``optimizer`` by calling ``step_fn``; state lives in ``out_dir``
     (checkpoint.pt, metrics.json, config.json). A rerun with the same out_dir resumes; a rerun
-    with a different ``config`` refuses with a ValueError."""
+    with a different ``config`` refuses with a ValueError. ``export``: a diffusers ModelMixin (the
+    trained model, or its EMA) written with every checkpoint to out_dir/model by ``save_pretrained``
+    (atomically), which ``load_exported`` reads back."""
 
     def __init__(self, out_dir: str | Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                  step_fn: StepFn, *, config: dict | None = None, seed: int = 0, save_every: int = 500,
-                 log_every: int = 50, grad_clip: float | None = 1.0, desc: str = "train", progress: bool = True):
+                 log_every: int = 50, grad_clip: float | None = 1.0, desc: str = "train", progress: bool = True,
+                 export: torch.nn.Module | None = None):
         self.out_dir = Path(out_dir)
+        self.export = export  # a diffusers ModelMixin written to out_dir/model with every checkpoint
         self.modules, self.optimizer, self.step_fn = modules, optimizer, step_fn
         self.config = dict(config or {}, seed=seed)
         self.save_every, self.log_every, self.grad_clip = save_every, log_every, grad_clip
@@ -81,6 +85,8 @@ class Trainer:
         if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_rng)
         self.step, self.history = state["step"], state["history"]
+        if self.export is not None and pretrained_folder(self.out_dir / "model") is None:
+            atomic_save_pretrained(self.export, self.out_dir / "model")  # a folder from before exports
         # checkpoints written before the log sums were saved resume with an empty row
         self._running, self._n_running = dict(state.get("running", {})), int(state.get("n_running", 0))
 
@@ -93,6 +99,8 @@ class Trainer:
                  "step": self.step, "history": self.history,
                  "running": self._running, "n_running": self._n_running}
         self.folder.save("checkpoint.pt", state)
+        if self.export is not None:
+            atomic_save_pretrained(self.export, self.out_dir / "model")
         self.folder.write_json("metrics.json", {"step": self.step, "history": self.history})
 
     def fit(self, num_steps: int) -> list[dict[str, float]]:
@@ -133,3 +141,20 @@ class Trainer:
         for m in self.modules.values():
             m.eval()
         return self.history
+
+
+def load_exported(run: str | Path, cls) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, the run's config) of a training folder whose Trainer exported its model:
+    ``cls.from_pretrained(run / "model")`` (a diffusers ModelMixin class, safetensors weights)."""
+    from compkern.models.unet import diffusers_load_kwargs
+
+    run = Path(run)
+    if not (run / "config.json").exists():
+        raise ValueError(f"{run}: not a training folder (no config.json)")
+    folder = pretrained_folder(run / "model")
+    if folder is None:
+        raise ValueError(f"{run}: no exported model/ folder (a run saved before models were exported: rerun its "
+                         "training command once, it resumes and exports)")
+    model = cls.from_pretrained(folder, **diffusers_load_kwargs())
+    return model.eval(), json.loads((run / "config.json").read_text())
+

@@ -3,15 +3,14 @@
 held-out loss, and the reading of a training folder (``load_run``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from compkern.data.clevr import null_cond, training_batch
-from compkern.models.position_unet import build_position_model, position_schedule
-from compkern.train.loop import Trainer, warmup_cosine
-from compkern.utils.checkpoint import load
+from compkern.models.base import config_dict
+from compkern.models.position_unet import PositionEnergyUNet, PositionUNet, position_schedule
+from compkern.train.loop import Trainer, load_exported, warmup_cosine
 
 __all__ = ["heldout_loss", "load_run", "train_position_model"]
 
@@ -34,10 +33,12 @@ def train_position_model(model: torch.nn.Module, out_dir: str | Path, *, size: i
         loss = (model(sch.add_noise(x0, noise, t), t, c) - noise).pow(2).flatten(1).sum(1).mean()
         return {"loss": loss}
 
-    config = {"model": model.config, "size": size, "steps": steps, "batch_size": batch_size, "lr": lr,
+    config = {"model": config_dict(model), "size": size, "steps": steps, "batch_size": batch_size, "lr": lr,
               "p_empty": p_empty, "p_uncond": p_uncond, "schedule": "cosine1000"}
+    net = model.potential.net if isinstance(model, PositionEnergyUNet) else model
     trainer = Trainer(out_dir, {"model": model}, opt, step_fn, config=config, seed=seed, save_every=save_every,
-                      log_every=max(1, min(50, steps // 10)), desc=f"train {Path(out_dir).name}", progress=progress)
+                      log_every=max(1, min(50, steps // 10)), desc=f"train {Path(out_dir).name}", progress=progress,
+                      export=net)
     history = trainer.fit(steps)
     model.eval()
     return history
@@ -62,10 +63,8 @@ def heldout_loss(model: torch.nn.Module, *, size: int = 24, n: int = 256, seed: 
 
 
 def load_run(run: str | Path) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, config) from a training folder."""
-    run = Path(run)
-    cfg = json.loads((run / "config.json").read_text())
-    model = build_position_model(cfg["model"], position_schedule())
-    model.load_state_dict(load(run / "checkpoint.pt")["modules"]["model"])
-    model.eval()
-    return model, cfg
+    """(model in eval mode, config) from a training folder (its exported PositionUNet, wrapped as
+    an energy model where the run trained one)."""
+    net, cfg = load_exported(run, PositionUNet)
+    model = PositionEnergyUNet(position_schedule(), net=net) if cfg["model"].get("energy") else net
+    return model.eval(), cfg

@@ -83,7 +83,7 @@ def train_component_denoisers(components: Sequence[Distribution2D], schedule: No
         return {"loss": per_model.sum(), "mean_mse": float(per_model.detach().mean())}
 
     g0 = torch.Generator()
-    config = {"model": net.config(), "components": [repr(c) for c in components],
+    config = {"model": dict(net.config), "components": [repr(c) for c in components],
               "data_checksums": [round(float(c.sample(256, g0.manual_seed(0)).double().sum()), 6) for c in components],
               "schedule": {"num_steps": schedule.num_steps, "abar_end": round(float(schedule.alphas_cumprod[-1]), 9)},
               "steps": steps, "batch_size": batch_size, "lr": lr, "ema": ema, "grad_clip_per_model": 1.0}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,34 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def atomic_save_pretrained(model, folder: str | os.PathLike) -> Path:
+    """``model.save_pretrained(folder)`` (a diffusers ModelMixin: config.json + safetensors) all or
+    nothing: written to ``folder.tmp``, then swapped in through ``folder.old``; a crash leaves the
+    old folder or the new one (``pretrained_folder`` finds it), never half of one."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    for d in (tmp, old):
+        if d.exists() and folder.exists():
+            shutil.rmtree(d)
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def pretrained_folder(folder: str | os.PathLike) -> Path | None:
+    """The folder ``atomic_save_pretrained`` last completed: ``folder``, or ``folder.old`` after a
+    crash between its two renames; None when neither exists."""
+    folder = Path(folder)
+    for d in (folder, folder.with_name(folder.name + ".old")):
+        if (d / "config.json").exists():
+            return d
+    return None
 
 
 #: Non-container, non-tensor types that checkpoint files may hold (allow-listed for unpickling).
