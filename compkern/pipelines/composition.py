@@ -14,11 +14,12 @@ cached trials (compkern.pipelines.lift_maps) reuse them without one extra UNet r
 Supported folders: SD 1.x / 2.x (one CLIP text encoder; epsilon or v-prediction), SDXL (two
 encoders, penultimate hidden states concatenated, pooled text_embeds and time_ids as added
 conditioning) and SD3 / SD3.5 (``compkern.pipelines.sd3``: a flow-matching transformer, which
-``from_pretrained`` / ``from_pipe`` pick by the folder's transformer/). The scheduler folder supplies the noise schedule and prediction type; sampling is
-compkern's DDIM (eta = 0) / DDPM (eta = 1) on that schedule (``scheduler=None``, the default: the
-path early rejection and continuous batching run on), or any diffusers scheduler's ``step``
-(``scheduler='dpm++'``, 'euler', 'unipc', ... or an instance; ``SCHEDULERS``), with the same
-batched call, record and per-seed generators.
+``from_pretrained`` / ``from_pipe`` pick by the folder's transformer/). The scheduler folder
+supplies the noise schedule and prediction type; sampling is compkern's DDIM (eta = 0) / DDPM
+(eta = 1) on that schedule (``scheduler=None``, the default: the path early rejection and
+continuous batching run on), or any diffusers scheduler's ``step`` (``scheduler='dpm++'``,
+'euler', 'unipc', ... or an instance; ``SCHEDULERS``), with the same batched call, record and
+per-seed generators.
 """
 from __future__ import annotations
 

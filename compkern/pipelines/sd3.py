@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from compkern.models.flow import FlowMatchSchedule, VelocityEps, flow_scale, velocity_to_eps
+from compkern.models.flow import FlowMatchSchedule, VelocityEps, flow_scale
 from compkern.models.unet import diffusers_load_kwargs, quiet_loading
 from compkern.pipelines.composition import SCHEDULERS, CompositionPipeline, PromptEmbeddings, resolve_dtype
 from compkern.samplers.composed import StepRecord
@@ -138,10 +138,6 @@ class SD3CompositionPipeline(CompositionPipeline):
     def prediction_type(self) -> str:
         return "flow"
 
-    @property
-    def sample_size(self) -> int:
-        return int(self.transformer.config.sample_size) * self.vae_scale
-
     def eps_model(self, embeddings: PromptEmbeddings) -> VelocityEps:
         """The transformer as an eps model of the variance-preserving path (CompLift's trials)."""
         return VelocityEps(self.sampling_model(embeddings), self.schedule)
@@ -153,14 +149,11 @@ class SD3CompositionPipeline(CompositionPipeline):
         """The flow record (x_sigma, timesteps, velocities) in CompLift's layout: x_vp = x_sigma / c,
         eps = x_sigma + (1 - sigma) v per row, the timesteps as they are (``FlowMatchSchedule``)."""
         out = StepRecord()
-        T = self.schedule.T
-        for x, t, v in zip(record.x_t, record.t, record.preds):
-            sigma = t.double() / T
-            c = flow_scale(sigma).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-            out.x_t.append(x / c)
+        for x, t, v in zip(record.x_t, record.t, record.preds):  # x (B, *S), t (B,), v (R, B, *S)
+            sigma = (t.double() / self.schedule.T).reshape(-1, *([1] * (x.dim() - 1)))
+            out.x_t.append(x / flow_scale(sigma).to(x.dtype))
             out.t.append(t)
-            out.preds.append(torch.stack([velocity_to_eps(x, row.to(x.dtype), sigma.to(x.dtype)).to(row.dtype)
-                                          for row in v]))
+            out.preds.append((x + (1 - sigma.to(x.dtype)) * v.to(x.dtype)).to(v.dtype))  # eps = x + (1 - sigma) v
         return out
 
     def timestep_kwargs(self, latents: torch.Tensor, scheduler) -> dict:
