@@ -24,6 +24,7 @@ COMMANDS = {
     "generate": ("compkern.experiments.generate", "Stable Diffusion composed generation with CompLift rejection"),
     "early-reject": ("compkern.experiments.early_reject", "early rejection measured on the main job's world and suites"),
     "main-job": ("compkern.experiments.main_job", "the main job measured end to end on a trained shapes world (also `bench main-job`)"),
+    "eval": ("compkern.experiments.eval", "score methods on GenEval-style, NOT and OR suites with a local detector (resumable)"),
 }
 
 
