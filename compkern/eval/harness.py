@@ -168,6 +168,8 @@ def run(pipe, scorer: Scorer, rows: Sequence[dict], methods: Sequence[str], opts
     rank, world = (0, 1) if dist is None else (dist.rank, dist.world)
     cells = [(r, m) for r in rows for m in methods if applicable(r, m)]
     todo = [(r, m) for r, m in cells if not folder.exists(f"cells/{cell_key(r, m)}.pt")][rank::world]
+    if dist is not None:
+        dist.barrier()  # every rank has listed the same pending cells before any commits one
     done = []
     for row, method in tqdm(todo, desc=f"eval cells (rank {rank})" if world > 1 else "eval cells",
                             disable=not progress or (rank != 0)):

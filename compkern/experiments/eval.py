@@ -3,7 +3,7 @@
     compkern eval --model runs/world/base/model --scorer shapes:runs/world --suites geneval,not,or,three \\
         --methods none,composable,complift,perp --out runs/eval --threads 1
     compkern eval --model SD_FOLDER --scorer owl:OWLV2_FOLDER --color-scorer clip:CLIP_FOLDER --suites geneval,not
-    torchrun --nproc-per-node 4 -m compkern.cli eval ...          # cells dealt round-robin to the ranks
+    torchrun --nproc-per-node 4 -m compkern.cli eval --num-images 16 ...   # cells dealt round-robin to the ranks
 
 The suites are written to OUT/suites.jsonl (or read from --prompts FILE); a rerun with the same
 settings resumes, other settings are refused. Library: ``compkern.eval`` (suites, scorers,
@@ -119,7 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="detection score threshold (default: the scorer's)")
     p.add_argument("--counting-threshold", type=float, default=None, help="threshold on counting prompts")
     p.add_argument("--n-prompts", type=int, default=4, help="prompts per task of each suite")
-    p.add_argument("--n", type=int, default=16, help="images per prompt and method (seeds --seed .. --seed + n - 1)")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=16,
+                   help="images per prompt and method (seeds --seed .. --seed + n - 1); under torchrun write --num-images "
+                   "(torchrun reads --n as its own --nnodes)")
     add_sample_steps(p, 50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--eta", type=float, default=0.0, help="0: DDIM, 1: ancestral DDPM")
