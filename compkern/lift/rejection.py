@@ -107,6 +107,7 @@ class RejectionSampler:
         self.progress, self.desc = progress, desc
         self.state = {"batches": 0, "n_generated": 0, "n_accepted": 0, "n_evals": 0, "shards": []}
         self._rule: EarlyRejectRule | None = None  # calibrated once the pilot is complete
+        self._pilot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # shard -> (margins, decisions) read so far
         self._open()
 
     # -- folder ---------------------------------------------------------------------------------
@@ -214,9 +215,11 @@ class RejectionSampler:
         need = min_pilot_accepts(conf, len(checks))
         margins, decisions = [], []
         for name in self.state["shards"]:
-            d = load(self.out_dir / name)
-            margins.append(d["margins"])
-            decisions.append(d["decisions"])
+            if name not in self._pilot:  # each committed shard is read once
+                d = load(self.out_dir / name)
+                self._pilot[name] = (d["margins"], d["decisions"])
+            margins.append(self._pilot[name][0])
+            decisions.append(self._pilot[name][1])
             n = sum(len(x) for x in decisions)
             if n >= self.early["pilot"] and int(sum(x.sum() for x in decisions)) >= need:
                 self._rule = EarlyRejectRule.calibrate(torch.cat(margins, 1), torch.cat(decisions), checks, conf)
